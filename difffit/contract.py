@@ -1,0 +1,143 @@
+"""The contract between the HTTP service and the workers.
+
+Task names, queue names and the pydantic payloads both sides import. No
+torch here: the service container must not need it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Celery task names and queues. The service enqueues by name only.
+GENERATE_TASK = "difffit.generate"
+FINETUNE_TASK = "difffit.finetune"
+GENERATE_QUEUE = "generate"
+FINETUNE_QUEUE = "finetune"
+
+# Each worker publishes WorkerStats as JSON under WORKER_STATS_KEY.format(hostname)
+# every WORKER_STATS_INTERVAL_S seconds with a TTL of 3 intervals; a key that is
+# present means a live worker (used by /readyz and /metrics).
+WORKER_STATS_KEY = "difffit:worker:{}"
+WORKER_STATS_INTERVAL_S = 5.0
+
+Method = Literal["difffit", "bitfit"]
+Objective = Literal["standard", "diff_tuning"]
+SchedulerName = Literal["ddim", "dpm++", "ddpm"]
+BlockSpan = Literal["none", "first_half", "all"]
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+TERMINAL_JOB_STATES = ("succeeded", "failed", "cancelled")
+
+
+class Placement(BaseModel):
+    """Where DiffFit puts its scale vectors gamma (biases are always trained).
+
+    The default is the paper's final setting (Table 4b/4c): gamma on Q/K/V in
+    every block, on the attention and MLP branch outputs of the first half of
+    the blocks, and on the final layer.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    qkv: BlockSpan = "all"
+    branches: BlockSpan = "first_half"
+    final_layer: bool = True
+
+    @classmethod
+    def bitfit(cls) -> Placement:
+        """No gamma anywhere: BitFit."""
+        return cls(qkv="none", branches="none", final_layer=False)
+
+
+class FinetuneRequest(BaseModel):
+    """Body of ``POST /finetune``; stored on the job and read by the worker."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset_url: str = Field(..., min_length=1, max_length=2048, description="zip or tar(.gz) URL.")
+    adapter: str = Field(
+        ...,
+        min_length=1,
+        max_length=64,
+        pattern=r"^[a-z0-9][a-z0-9_-]*$",
+        description="Adapter name in the tenant's namespace (lowercase, digits, _ and -).",
+    )
+    method: Method = "difffit"
+    objective: Objective = "standard"
+    placement: Placement | None = Field(
+        None, description="Gamma placement; default the paper's for difffit, none for bitfit."
+    )
+    steps: int = Field(200, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(32, ge=1, le=1024)
+    learning_rate: float = Field(1e-3, gt=0, le=1.0, description="AdamW lr (paper: 1e-3).")
+    resolution: int | None = Field(None, ge=8, le=4096, description="Image side; default the base's.")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    ema: bool = Field(False, description="Keep an EMA of the adapter tensors and save it.")
+    checkpoint_every: int | None = Field(None, ge=1, description="Steps between checkpoints.")
+
+    def resolved_placement(self) -> Placement:
+        """The placement actually used for this method."""
+        if self.method == "bitfit":
+            return Placement.bitfit()
+        return self.placement or Placement()
+
+
+class AdapterRef(BaseModel):
+    """What a worker needs to find an adapter version: its blob hash."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    version: int
+    sha256: str = Field(..., pattern=r"^[0-9a-f]{64}$")
+    tenant_id: int | None = Field(
+        None, description="Owner; when set the worker re-checks the version still exists."
+    )
+
+
+class GenerateTask(BaseModel):
+    """Payload of the generate task: one request of n images."""
+
+    request_id: str
+    adapter: AdapterRef | None = Field(None, description="None samples from the base model.")
+    class_labels: list[int] = Field(..., min_length=1, description="One class index per image.")
+    seed: int = 0
+    steps: int = Field(50, ge=1)
+    guidance_scale: float = Field(4.0, ge=1.0, le=50.0)
+    scheduler: SchedulerName = "ddim"
+    resolution: int | None = None
+
+
+class GenerateResult(BaseModel):
+    """Result of the generate task."""
+
+    images_png_b64: list[str]
+    seconds: float
+    batch_sizes: list[int] = Field(default_factory=list, description="Engine batch sizes seen.")
+
+
+class FinetuneTask(BaseModel):
+    """Payload of the finetune task: the worker reads the rest from the registry."""
+
+    job_id: str
+
+
+class WorkerStats(BaseModel):
+    """A worker's engine statistics, as published to Redis."""
+
+    hostname: str
+    queues: list[str] = Field(default_factory=list)
+    slots: int = 0
+    resident: int = 0
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    queue_depth: int = 0
+    active_requests: int = 0
+    training_runs: int = 0
+    steps_run: int = 0
+    last_batch_rows: int = 0
+    base_model: str = ""
+    base_hash: str = ""
+    class_names: list[str] = Field(default_factory=list, description="The base model's classes.")

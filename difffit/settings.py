@@ -1,0 +1,115 @@
+"""The one `Settings` of DiffFit Serve, read once from the environment.
+
+Every knob is an environment variable with the prefix ``DIFFFIT_`` (for
+example ``DIFFFIT_REDIS_URL``); the README lists them all. The service and
+the worker read the same class, so a deployment configures both with one
+env file.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUNDLED_BASE_MODEL = REPO_ROOT / "base_models" / "fmnist-dit"
+
+
+class Settings(BaseSettings):
+    """All configuration of the API, the worker and the embedded runner."""
+
+    model_config = SettingsConfigDict(env_prefix="DIFFFIT_", extra="ignore", frozen=True)
+
+    # --- storage -----------------------------------------------------------
+    data_dir: Path = Field(Path("./data"), description="Root of local state (SQLite file, blobs).")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL of the registry; default sqlite in data_dir."
+    )
+    blob_dir: Path | None = Field(None, description="Blob store folder; default data_dir/blobs.")
+
+    # --- broker ------------------------------------------------------------
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker and result backend.")
+    visibility_timeout_s: int = Field(
+        4 * 3600, description="Redis redelivery timeout for unacked tasks; above the longest job."
+    )
+    max_task_retries: int = Field(
+        3, description="How many times a job whose worker died is redelivered before it fails."
+    )
+
+    # --- model / engine ----------------------------------------------------
+    base_model: str = Field(
+        str(BUNDLED_BASE_MODEL),
+        description="diffusers folder or hub id of the base DiT (e.g. facebook/DiT-XL-2-256).",
+    )
+    device: str = Field("auto", description="torch device for the engine: auto, cpu, cuda, cuda:1.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Inference dtype of the resident base."
+    )
+    adapter_slots: int = Field(16, ge=2, description="Device-resident adapter slots (slot 0 = base).")
+    max_batch_size: int = Field(64, ge=1, description="Most samples in one engine forward.")
+    max_classes: int = Field(
+        1000, ge=1, description="Most classes an adapter may have (rows of its class table - 1)."
+    )
+    train_share: float = Field(
+        0.2, gt=0, le=1.0, description="Most share of engine time fine-tuning gets while requests sample."
+    )
+    engine_threads: int = Field(
+        8, ge=1, description="Celery task threads per worker that hand work to the engine thread."
+    )
+
+    # --- requests ----------------------------------------------------------
+    generate_timeout_s: float = Field(300.0, description="How long POST /generate waits for images.")
+    max_images_per_request: int = Field(16, ge=1, description="Upper bound of `n` on /generate.")
+    max_sampling_steps: int = Field(1000, ge=1, description="Upper bound of `steps` on /generate.")
+    max_finetune_steps: int = Field(100_000, ge=1, description="Upper bound of `steps` on /finetune.")
+    checkpoint_every: int = Field(50, ge=1, description="Fine-tune checkpoint interval in steps.")
+    max_queued_generate: int = Field(
+        256, ge=1, description="Most generate tasks waiting in Redis; at this depth /generate answers 429."
+    )
+    max_queued_finetune: int = Field(
+        64, ge=1, description="Most fine-tune jobs waiting in Redis; at this depth /finetune answers 429."
+    )
+    max_waiting_generate: int = Field(
+        256, ge=1, description="Most POST /generate requests waiting at once per API process; then 429."
+    )
+
+    # --- datasets ----------------------------------------------------------
+    allow_file_urls: bool = Field(False, description="Accept file:// dataset URLs (local runs, tests).")
+    allow_private_urls: bool = Field(
+        False, description="Accept http(s) dataset URLs on loopback/private addresses."
+    )
+    dataset_max_bytes: int = Field(512 * 1024**2, description="Largest dataset download in bytes.")
+    dataset_max_files: int = Field(100_000, description="Most files in a dataset archive.")
+    dataset_max_unpacked_bytes: int = Field(
+        2 * 1024**3, description="Largest total uncompressed size of a dataset archive."
+    )
+    dataset_timeout_s: float = Field(300.0, description="Dataset download time limit.")
+
+    # --- API ---------------------------------------------------------------
+    api_host: str = Field("127.0.0.1", description="Bind address of `difffit serve`'s API.")
+    api_port: int = Field(8000, description="Port of `difffit serve`'s API.")
+    admin_key: str | None = Field(None, description="Key for the admin endpoints; unset disables them.")
+    log_level: str = Field("INFO", description="Python logging level.")
+    log_json: bool = Field(True, description="One JSON object per log line (request and job ids).")
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The registry URL, defaulting to SQLite under `data_dir`."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'registry.db').resolve()}"
+
+    @property
+    def resolved_blob_dir(self) -> Path:
+        """The blob folder, defaulting to `data_dir/blobs`."""
+        return (self.blob_dir or self.data_dir / "blobs").resolve()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment once."""
+    return Settings()

@@ -1,0 +1,165 @@
+"""Response models of the API (the OpenAPI spec is generated from these)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from difffit.contract import JobState
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+
+# --- jobs ---------------------------------------------------------------------
+class JobProgress(_Out):
+    step: int = Field(0, description="Optimizer steps done.")
+    total: int = Field(0, description="Optimizer steps requested.")
+    loss: float | None = Field(None, description="Latest training loss.")
+    eta_s: float | None = Field(None, description="Estimated seconds left.")
+
+
+class JobError(_Out):
+    code: str = Field(..., description="Stable error code (the problem type's last part).")
+    message: str
+
+
+class Job(_Out):
+    """A fine-tuning job."""
+
+    id: str
+    adapter: str = Field(..., description="Adapter name the job trains.")
+    state: JobState
+    progress: JobProgress
+    error: JobError | None = None
+    adapter_version: int | None = Field(None, description="Version registered when it succeeded.")
+    cancel_requested: bool = False
+    attempts: int = 0
+    request: dict[str, Any] = Field(default_factory=dict, description="The accepted request body.")
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class JobList(_Out):
+    jobs: list[Job]
+
+
+# --- adapters -----------------------------------------------------------------
+class AdapterVersion(_Out):
+    version: int
+    sha256: str
+    size_bytes: int | None = None
+    method: str | None = None
+    class_names: list[str] = Field(default_factory=list)
+    num_classes: int = 0
+    resolution: int | None = None
+    trainable_params: int | None = None
+    base_model_hash: str | None = None
+    job_id: str | None = None
+    created_at: datetime | None = None
+    files: dict[str, str] = Field(default_factory=dict, description="Role -> blob sha256.")
+    file_urls: dict[str, str] = Field(
+        default_factory=dict, description="Role -> URL of the file (sample grid, loss curve)."
+    )
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class Adapter(_Out):
+    name: str
+    latest_version: int | None = None
+    created_at: datetime | None = None
+    versions: list[AdapterVersion] = Field(default_factory=list)
+
+
+class AdapterSummary(_Out):
+    name: str
+    latest_version: int | None = None
+    created_at: datetime | None = None
+    num_versions: int = 0
+    class_names: list[str] = Field(default_factory=list, description="Of the latest version.")
+
+
+class AdapterList(_Out):
+    adapters: list[AdapterSummary]
+
+
+# --- generate -----------------------------------------------------------------
+class GenerateResponse(_Out):
+    """JSON answer of ``POST /generate`` (when JSON is asked for or n > 1)."""
+
+    request_id: str
+    images: list[str] = Field(..., description="Base64-encoded PNG images.")
+    adapter: str | None = Field(None, description="Adapter name; null for the base model.")
+    version: int | None = None
+    class_: int = Field(..., alias="class", serialization_alias="class", description="Class index.")
+    class_name: str | None = None
+    n: int
+    seed: int
+    steps: int
+    guidance_scale: float
+    scheduler: str
+    seconds: float = Field(..., description="Worker-side time for the request.")
+
+
+class GenerateStatus(_Out):
+    """Answer of ``GET /generate/{request_id}``."""
+
+    request_id: str
+    state: Literal["pending", "succeeded"]
+    images: list[str] = Field(default_factory=list, description="Base64 PNGs once succeeded.")
+    seconds: float | None = None
+
+
+# --- health -------------------------------------------------------------------
+class Health(_Out):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(_Out):
+    status: Literal["ready"] = "ready"
+    checks: dict[str, str] = Field(default_factory=dict)
+
+
+# --- admin --------------------------------------------------------------------
+#: Tenant and adapter names (the registry's rule; also the path-parameter pattern).
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+
+
+class TenantCreate(BaseModel):
+    """Body of ``POST /admin/tenants``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        ...,
+        min_length=1,
+        max_length=64,
+        pattern=NAME_PATTERN,
+        description="Tenant name: 1-64 lowercase letters, digits, `_` or `-`.",
+    )
+
+
+class TenantOut(_Out):
+    name: str
+    disabled: bool = False
+    created_at: datetime | None = None
+
+
+class TenantCreated(_Out):
+    """A new tenant and its first API key (shown once: only its hash is stored)."""
+
+    name: str
+    api_key: str
+    key_prefix: str = Field(..., description="What `DELETE /admin/keys/{prefix}` takes to revoke it.")
+
+
+class KeyCreated(_Out):
+    """A new API key (shown once: only its hash is stored)."""
+
+    tenant: str
+    api_key: str
+    key_prefix: str = Field(..., description="What `DELETE /admin/keys/{prefix}` takes to revoke it.")

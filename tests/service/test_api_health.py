@@ -1,0 +1,88 @@
+"""/healthz, /readyz, /metrics."""
+
+from __future__ import annotations
+
+from service.deps import get_queue
+from service.main import create_app
+
+
+def test_healthz(client):
+    resp = client.get("/healthz")
+    assert resp.status_code == 200 and resp.json() == {"status": "ok"}
+
+
+def test_healthz_needs_no_backend(settings):
+    # No registry reachable, no queue: still alive.
+    from fastapi.testclient import TestClient
+
+    broken = settings.model_copy(update={"database_url": "postgresql+psycopg2://x@127.0.0.1:9/x"})
+    with TestClient(create_app(broken)) as c:
+        assert c.get("/healthz").status_code == 200
+
+
+def test_readyz_ok(client):
+    resp = client.get("/readyz")
+    assert resp.status_code == 200
+    assert resp.json() == {
+        "status": "ready",
+        "checks": {"registry": "ok", "redis": "ok", "workers": "ok"},
+    }
+
+
+def test_readyz_503_when_redis_down(client, fake_queue, assert_problem):
+    fake_queue.down = True
+    body = assert_problem(client.get("/readyz"), 503, "backend-unavailable")
+    # Workers are read from Redis: unknown while it is down.
+    assert body["checks"] == {"registry": "ok", "redis": "down", "workers": "unknown"}
+    assert body["failed"] == ["redis", "workers"]
+
+
+def test_readyz_503_without_a_live_worker(client, fake_queue, assert_problem):
+    fake_queue.workers = []
+    body = assert_problem(client.get("/readyz"), 503, "backend-unavailable")
+    assert body["checks"] == {"registry": "ok", "redis": "ok", "workers": "down"}
+    assert body["failed"] == ["workers"]
+
+
+def test_readyz_503_when_the_database_is_down(settings, fake_queue, make_client, assert_problem):
+    from adapters_store import Registry
+
+    broken = Registry("postgresql+psycopg2://x@127.0.0.1:9/x")
+    with make_client(settings, broken, fake_queue) as c:
+        body = assert_problem(c.get("/readyz"), 503, "backend-unavailable")
+    assert body["checks"]["registry"] == "down" and body["failed"] == ["registry"]
+
+
+def test_readyz_503_with_the_real_queue_client(settings, registry, assert_problem):
+    # The real QueueClient against a port where nothing listens.
+    from fastapi.testclient import TestClient
+
+    app = create_app(settings)
+    app.state.registry = registry
+    with TestClient(app) as c:
+        body = assert_problem(c.get("/readyz"), 503, "backend-unavailable")
+    assert body["checks"]["redis"] == "down"
+    assert get_queue not in app.dependency_overrides
+
+
+def test_metrics_histogram_by_route_template(client, acme):
+    client.get("/healthz")
+    client.get("/jobs/abc", headers=acme.headers)  # 404
+    client.get("/jobs/def", headers=acme.headers)
+    client.get("/no/such/path")
+    resp = client.get("/metrics")
+    assert resp.status_code == 200
+    assert resp.headers["content-type"].startswith("text/plain")
+    text = resp.text
+    assert "# TYPE difffit_http_request_duration_seconds histogram" in text
+    assert (
+        'difffit_http_request_duration_seconds_count{method="GET",route="/healthz",status="200"} 1.0' in text
+    )
+    assert (
+        'difffit_http_request_duration_seconds_count{method="GET",route="/jobs/{job_id}",'
+        'status="404"} 2.0' in text
+    )
+    assert 'route="<unmatched>"' in text
+    assert "/jobs/abc" not in text
+    # A small registry of its own: no default process/platform collectors.
+    assert "process_cpu_seconds_total" not in text and "python_gc" not in text

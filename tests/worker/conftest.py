@@ -1,0 +1,27 @@
+"""Fixtures for the worker tests: tiny random DiT folders in diffusers layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from base_models.tiny import make_tiny_base
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> str:
+    """Pixel-space tiny base: 1x8x8 images, 2 blocks, 10 classes."""
+    return str(make_tiny_base(tmp_path_factory.mktemp("tiny_base")))
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_base(tmp_path_factory) -> str:
+    """Latent tiny base: 3x16x16 images <-> 4x8x8 latents through a tiny random VAE."""
+    return str(make_tiny_base(tmp_path_factory.mktemp("tiny_vae_base"), vae=True))
+
+
+def random_adapter(model, placement, num_classes: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """An adapter with every tensor perturbed, so equality tests can fail."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = model.init_adapter(placement, num_classes, generator=g)
+    return {k: v + 0.2 * torch.randn(v.shape, generator=g) for k, v in tensors.items()}

@@ -1,0 +1,252 @@
+"""The finetune task body: a job from `queued` to a terminal state.
+
+1. Load the job; skip it if already terminal (a redelivery after success),
+   fail it if redelivered more than the retry cap (it kills its worker).
+2. Intake: download, unpack, decode the data set (this thread); encode with
+   the VAE once, on the engine thread.
+3. Train on the engine thread, resuming from the last checkpoint if any;
+   this thread mirrors progress to the registry, checks the cancel flag and
+   writes a checkpoint (adapter + optimizer + RNG) every N steps.
+4. Finish: adapter file, sample grid and loss curve into the blob store,
+   then ONE registry call adds the immutable version; the job succeeds.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from datetime import UTC, datetime
+
+import torch
+
+from difffit.contract import TERMINAL_JOB_STATES, FinetuneRequest
+from difffit.errors import DiffFitError, InvalidDataset, JobCancelled
+from worker.adapter.file import adapter_metadata, save_adapter
+from worker.adapter.model import count_params
+from worker.datasets import ImageSet, load_dataset
+from worker.diffusion import GaussianDiffusion
+from worker.engine.images import grid_png
+from worker.engine.sampling import SampleRequest
+from worker.engine.training import TrainingData, TrainingRun
+
+log = logging.getLogger(__name__)
+GRID_CLASSES, GRID_PER_CLASS = 16, 4
+HEARTBEAT_STALE_S = 5.0
+
+
+def torch_bytes(obj) -> bytes:
+    """torch.save to bytes (checkpoints)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def torch_load_bytes(data: bytes):
+    """torch.load from bytes; weights_only: checkpoints hold tensors and plain values."""
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def encode(rt, images: ImageSet) -> TrainingData:
+    """Pixels -> training tensors on the device; VAE latents (posterior mean) when there is a VAE."""
+    x = torch.from_numpy(images.pixels).to(rt.base.transformer.device)
+    if rt.base.vae is not None:
+        vae = rt.base.vae
+        chunks = [
+            vae.encode(chunk.to(vae.dtype)).latent_dist.mean * rt.base.latent_scaling for chunk in x.split(64)
+        ]
+        x = torch.cat(chunks).float()
+    return TrainingData(x=x, labels=torch.from_numpy(images.labels), class_names=images.class_names)
+
+
+def run_finetune_job(rt, job_id: str) -> None:
+    """Drive one job to succeeded, failed or cancelled; never raises for job errors."""
+    reg, settings = rt.registry, rt.settings
+    job = reg.get_job_unscoped(job_id)
+    if job.state in TERMINAL_JOB_STATES:
+        log.info("job %s already %s; nothing to do", job_id, job.state)
+        return
+    if job.cancel_requested:
+        reg.update_job(job_id, state="cancelled", finished_at=_now())
+        return
+    job = _wait_out_live_owner(reg, job)
+    if job.state in TERMINAL_JOB_STATES:
+        return
+    attempts = job.attempts + 1
+    if attempts > settings.max_task_retries + 1:
+        _fail(reg, job_id, "worker-lost", f"the job's worker died {job.attempts} times; giving up")
+        return
+    reg.update_job(job_id, state="running", attempts=attempts, started_at=job.started_at or _now())
+    reg.add_job_event(job_id, "running", {"attempt": attempts})
+    try:
+        _train_and_register(rt, job_id, job)
+    except JobCancelled:
+        reg.update_job(job_id, state="cancelled", finished_at=_now())
+        reg.add_job_event(job_id, "cancelled", {})
+    except DiffFitError as exc:
+        _fail(reg, job_id, exc.code, exc.message)
+    except Exception as exc:  # noqa: BLE001 - a job error must end the job, not the worker
+        log.exception("job %s failed", job_id)
+        _fail(reg, job_id, "internal", f"{type(exc).__name__}: {exc}")
+
+
+def _wait_out_live_owner(reg, job):
+    """A redelivered job whose heartbeat is fresh still has a live worker: wait, don't fork it.
+
+    Redis redelivers unacked tasks after the visibility timeout even when their
+    worker is alive. The running worker writes progress every 0.5 s; only when
+    that stops for HEARTBEAT_STALE_S is the job taken over (its worker died).
+    """
+    while job.state == "running" and job.updated_at is not None:
+        age = (_now() - _aware(job.updated_at)).total_seconds()
+        if age > HEARTBEAT_STALE_S:
+            return job
+        time.sleep(min(2.0, HEARTBEAT_STALE_S - age + 0.1))
+        job = reg.get_job_unscoped(job.id)
+    return job
+
+
+def _aware(ts: datetime) -> datetime:
+    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+
+
+def _fail(reg, job_id: str, code: str, message: str) -> None:
+    reg.update_job(job_id, state="failed", error_code=code, error_message=message, finished_at=_now())
+    reg.add_job_event(job_id, "failed", {"code": code, "message": message})
+
+
+def _train_and_register(rt, job_id: str, job) -> None:
+    reg, settings = rt.registry, rt.settings
+    request = FinetuneRequest.model_validate(job.request)
+    resolution = request.resolution or rt.base.resolution
+    rt.latent_size(resolution)  # validates the resolution
+
+    # 2. intake
+    images = load_dataset(request.dataset_url, settings, rt.base.image_channels, resolution)
+    if len(images.class_names) > settings.max_classes:
+        raise InvalidDataset(f"{len(images.class_names)} classes; at most {settings.max_classes} allowed")
+    reg.add_job_event(job_id, "dataset", {"images": len(images.labels), "classes": images.class_names})
+    data = rt.call(lambda: encode(rt, images))
+    if request.objective == "diff_tuning":
+        data.retention = _retention_set(rt, len(images.labels), rt.latent_size(resolution), request.seed)
+        reg.add_job_event(job_id, "retention", {"images": int(data.retention.shape[0])})
+
+    # 3. train, resuming from the last checkpoint
+    init = None
+    if job.checkpoint_sha256:
+        init = torch_load_bytes(rt.blobs.get_bytes(job.checkpoint_sha256))
+        reg.add_job_event(job_id, "resumed", {"step": int(init["step"])})
+    diffusion = GaussianDiffusion.from_scheduler_config(rt.base.scheduler_config)
+    every = request.checkpoint_every or settings.checkpoint_every
+    run = rt.call(lambda: TrainingRun(rt.engine.model, diffusion, data, request, init, every))
+    future = rt.engine.submit_training(run)
+    while True:
+        # Wake for a checkpoint at once, else every 0.5 s for progress and cancel.
+        if run.checkpoint_ready.wait(timeout=0.5):
+            run.checkpoint_ready.clear()
+            state = run.checkpoint
+            sha = rt.blobs.put_bytes(torch_bytes(state))
+            reg.update_job(job_id, checkpoint_sha256=sha, checkpoint_step=state["step"])
+            reg.add_job_event(job_id, "checkpoint", {"step": state["step"], "sha256": sha})
+        if future.done():
+            tensors = future.result()
+            break
+        p = run.progress
+        current = reg.update_job(job_id, step=p.step, loss=p.loss, eta_s=p.eta_s)
+        if current.cancel_requested:
+            run.cancel.set()
+
+    # 4. finish: blobs first, then one registry write
+    placement = request.resolved_placement()
+    counts = count_params(tensors)
+    meta = adapter_metadata(
+        base_model=rt.base.model_id,
+        base_hash=rt.base.content_hash,
+        method=request.method,
+        placement=placement.model_dump(),
+        class_names=data.class_names,
+        resolution=resolution,
+        training={**request.model_dump(), "dataset_images": len(images.labels), "job_id": job_id},
+        trainable_params=counts["total"],
+    )
+    blob = save_adapter(tensors, meta)
+    sha = rt.blobs.put_bytes(blob)
+    files = {
+        "samples.png": rt.blobs.put_bytes(_sample_grid(rt, sha, tensors, data.num_classes, resolution)),
+        "loss.json": rt.blobs.put_bytes(json.dumps(run.progress.losses).encode()),
+    }
+    version = reg.add_version(
+        job.tenant_id,
+        job.adapter_name,
+        sha256=sha,
+        size_bytes=len(blob),
+        method=request.method,
+        base_model_hash=rt.base.content_hash,
+        class_names=data.class_names,
+        resolution=resolution,
+        trainable_params=counts["total"],
+        metadata=meta,
+        files=files,
+        job_id=job_id,
+    )
+    reg.update_job(
+        job_id,
+        state="succeeded",
+        step=run.progress.step,
+        loss=run.progress.loss,
+        eta_s=0.0,
+        adapter_version=version.version,
+        finished_at=_now(),
+    )
+    reg.add_job_event(job_id, "succeeded", {"adapter": job.adapter_name, "version": version.version})
+
+
+def _retention_set(rt, n_target: int, latent_size: int, seed: int) -> torch.Tensor:
+    """Diff-Tuning's retention data: base-model samples of random base classes, [R, C, h, w].
+
+    R = a quarter of the target set, clamped to 32..512: the objective draws 20% of
+    each batch from it, so it only needs to be varied, not large.
+    """
+    count = max(32, min(512, n_target // 4))
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, len(rt.base.class_names), (count,), generator=g).tolist()
+    futures = []
+    for start in range(0, count, 64):
+        request = SampleRequest(
+            request_id=f"retention-{start}",
+            adapter_key=None,
+            adapter_tensors=None,
+            labels=labels[start : start + 64],
+            seed=seed + start,
+            steps=25,
+            guidance_scale=4.0,
+            scheduler_name="ddim",
+            latent_size=latent_size,
+            return_latents=True,
+        )
+        futures.append(rt.engine.submit(request))
+    latents = torch.cat([f.result() for f in futures])
+    return latents.to(rt.base.transformer.device)
+
+
+def _sample_grid(rt, sha: str, tensors, num_classes: int, resolution: int) -> bytes:
+    """One row per class (up to 16 classes), 4 samples each, DDIM 25 steps, guidance 4."""
+    classes = list(range(min(num_classes, GRID_CLASSES)))
+    request = SampleRequest(
+        request_id=f"grid-{sha[:12]}",
+        adapter_key=sha,
+        adapter_tensors=tensors,
+        labels=[c for c in classes for _ in range(GRID_PER_CLASS)],
+        seed=0,
+        steps=25,
+        guidance_scale=4.0,
+        scheduler_name="ddim",
+        latent_size=rt.latent_size(resolution),
+    )
+    pngs = rt.engine.submit(request).result()
+    return grid_png(pngs, columns=GRID_PER_CLASS, scale=2 if resolution < 64 else 1)

@@ -1,0 +1,137 @@
+"""The worker process's runtime: engine, registry, blobs, and the two task bodies.
+
+Celery task threads call :meth:`Runtime.generate` and :meth:`Runtime.finetune`;
+those do the host-side work (blob reads, dataset intake, registry writes)
+and hand device work to the one engine thread.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import TimeoutError as FutureTimeout
+
+import torch
+
+from adapters_store import BlobStore, Registry
+from difffit.contract import GenerateResult, GenerateTask
+from difffit.errors import AdapterNotFound, GenerationTimeout, InvalidRequest
+from difffit.settings import Settings
+from worker.adapter.file import load_adapter
+from worker.base_model import BaseModel, load_base, resolve_device
+from worker.engine.engine import Engine
+from worker.engine.sampling import SampleRequest
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Runtime:
+    """Everything one worker process holds: built once, shared by task threads."""
+
+    def __init__(self, settings: Settings, base: BaseModel | None = None):
+        self.settings = settings
+        self.registry = Registry.from_settings(settings)
+        self.registry.create_schema()
+        self.blobs = BlobStore(settings.resolved_blob_dir)
+        if base is None:
+            device = resolve_device(settings.device)
+            base = load_base(settings.base_model, device=device, dtype=DTYPES[settings.dtype])
+        self.base = base
+        self.engine = Engine(
+            base,
+            slots=settings.adapter_slots,
+            max_classes=settings.max_classes,
+            max_batch_size=settings.max_batch_size,
+            train_share=settings.train_share,
+        ).start()
+        self._adapters: OrderedDict[str, tuple[dict, dict]] = OrderedDict()
+        self._adapters_lock = threading.Lock()
+        log.info("engine up: base %s (hash %s...)", base.model_id, base.content_hash[:12])
+
+    # -- adapters on the host --------------------------------------------------
+    def adapter(self, sha256: str) -> tuple[dict[str, torch.Tensor], dict]:
+        """Parsed adapter (tensors, metadata) by content hash, verified and LRU-cached."""
+        with self._adapters_lock:
+            if sha256 in self._adapters:
+                self._adapters.move_to_end(sha256)
+                return self._adapters[sha256]
+        data = self.blobs.get_bytes(sha256)  # re-hashes: CorruptBlob on mismatch
+        tensors, meta = load_adapter(data, base_hash=self.base.content_hash)
+        with self._adapters_lock:
+            self._adapters[sha256] = (tensors, meta)
+            while len(self._adapters) > 4 * self.settings.adapter_slots:
+                self._adapters.popitem(last=False)
+        return tensors, meta
+
+    def _check_still_registered(self, ref) -> None:
+        """An adapter deleted after the API resolved it is not served, even from a warm slot."""
+        if ref.tenant_id is None:
+            return
+        version = self.registry.get_version(ref.tenant_id, ref.name, ref.version)
+        if version.sha256 != ref.sha256:
+            raise AdapterNotFound(f"adapter {ref.name!r} version {ref.version} was replaced")
+
+    def latent_size(self, resolution: int | None) -> int:
+        """Pixel resolution -> latent side; InvalidRequest when the model can't take it."""
+        if resolution is None:
+            return self.base.transformer.config.sample_size
+        unit = self.base.vae_scale * self.base.transformer.config.patch_size
+        if resolution % unit or resolution <= 0:
+            raise InvalidRequest(f"resolution must be a positive multiple of {unit}; got {resolution}")
+        return resolution // self.base.vae_scale
+
+    # -- generate --------------------------------------------------------------
+    def generate(self, task: GenerateTask) -> GenerateResult:
+        """Sample the task's images in the shared batch; PNGs as base64."""
+        started = time.perf_counter()
+        tensors, key = None, None
+        if task.adapter is not None:
+            key = task.adapter.sha256
+            self._check_still_registered(task.adapter)
+            tensors, meta = self.adapter(key)
+            num_classes, who = meta["num_classes"], f"adapter {task.adapter.name!r}"
+        else:
+            num_classes, who = len(self.base.class_names), "the base model"
+        bad = [c for c in task.class_labels if not 0 <= c < num_classes]
+        if bad:
+            raise InvalidRequest(f"class {bad[0]} is out of range: {who} has classes 0..{num_classes - 1}")
+        request = SampleRequest(
+            request_id=task.request_id,
+            adapter_key=key,
+            adapter_tensors=tensors,
+            labels=list(task.class_labels),
+            seed=task.seed,
+            steps=task.steps,
+            guidance_scale=task.guidance_scale,
+            scheduler_name=task.scheduler,
+            latent_size=self.latent_size(task.resolution),
+        )
+        future = self.engine.submit(request)
+        try:
+            pngs = future.result(timeout=self.settings.generate_timeout_s)
+        except FutureTimeout as exc:
+            future.cancel()
+            raise GenerationTimeout(
+                f"no images after {self.settings.generate_timeout_s}s", task_id=task.request_id
+            ) from exc
+        return GenerateResult(
+            images_png_b64=[base64.b64encode(p).decode() for p in pngs],
+            seconds=time.perf_counter() - started,
+            batch_sizes=request.batch_sizes,
+        )
+
+    # -- finetune --------------------------------------------------------------
+    def finetune(self, job_id: str) -> None:
+        """Run a fine-tuning job to a terminal state (see worker.finetune_job)."""
+        from worker.finetune_job import run_finetune_job
+
+        run_finetune_job(self, job_id)
+
+    def call(self, fn):
+        """Run `fn()` on the engine thread (it owns the device) and return its result."""
+        return self.engine.call(fn).result()

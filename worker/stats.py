@@ -1,0 +1,61 @@
+"""Publishes the engine's statistics to Redis so the API can export and check them.
+
+The API never talks to workers directly: each worker writes a
+:class:`difffit.contract.WorkerStats` JSON under its own key with a short TTL;
+a key that is present is a live worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+
+import redis
+
+from difffit.contract import WORKER_STATS_INTERVAL_S, WORKER_STATS_KEY, WorkerStats
+
+log = logging.getLogger(__name__)
+
+
+class StatsPublisher:
+    """A daemon thread writing the runtime's stats every few seconds."""
+
+    def __init__(self, redis_url: str, hostname: str, runtime, queues: list[str]):
+        self.client = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+        self.key = WORKER_STATS_KEY.format(hostname)
+        self.hostname, self.runtime, self.queues = hostname, runtime, queues
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="difffit-stats", daemon=True)
+
+    def snapshot(self) -> WorkerStats:
+        engine, base = self.runtime.engine, self.runtime.base
+        return WorkerStats(
+            hostname=self.hostname,
+            queues=self.queues,
+            base_model=base.model_id,
+            base_hash=base.content_hash,
+            class_names=base.class_names,
+            **engine.stats(),
+        )
+
+    def publish(self) -> None:
+        ttl = int(3 * WORKER_STATS_INTERVAL_S)
+        self.client.set(self.key, self.snapshot().model_dump_json(), ex=ttl)
+
+    def start(self) -> StatsPublisher:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(redis.RedisError):
+            self.client.delete(self.key)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.publish()
+            except redis.RedisError as exc:  # Redis restarting: try again next tick
+                log.warning("could not publish worker stats: %s", exc)
+            self._stop.wait(WORKER_STATS_INTERVAL_S)

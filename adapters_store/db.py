@@ -20,6 +20,7 @@ stamping one that ``metadata.create_all`` built before migrations existed.
 from __future__ import annotations
 
 import random
+import sqlite3
 import time
 from collections.abc import Callable
 from functools import lru_cache
@@ -47,6 +48,33 @@ def _is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
+SQLITE_BUSY_TIMEOUT_S = 30.0
+
+
+def _set_wal(cursor: Any, timeout_s: float) -> None:
+    """``PRAGMA journal_mode=WAL``, retried while another connection holds a lock.
+
+    Switching a fresh file to WAL needs an exclusive lock, and SQLite answers
+    "database is locked" at once instead of calling its busy handler, so N
+    processes opening a new registry together (workers starting at once) would
+    fail. The mode is stored in the file: once one connection wins, the others'
+    pragma is a no-op.
+    """
+    deadline = time.monotonic() + timeout_s
+    delay = 0.005
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(random.uniform(delay, 2 * delay))
+            delay = min(delay * 2, 0.2)
+
+
 def build_engine(database_url: str) -> Engine:
     """Create the engine for `database_url` with the per-backend settings."""
     url = make_url(database_url)
@@ -58,7 +86,7 @@ def build_engine(database_url: str) -> Engine:
     kwargs: dict[str, Any] = {
         # Worker threads share the engine's pool; each connection is still
         # used by one thread at a time, which is what SQLite needs.
-        "connect_args": {"check_same_thread": False, "timeout": 30.0},
+        "connect_args": {"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S},
         "pool_pre_ping": True,
     }
     if in_memory:
@@ -76,7 +104,7 @@ def build_engine(database_url: str) -> Engine:
         try:
             cursor.execute("PRAGMA foreign_keys=ON")
             if not in_memory:
-                cursor.execute("PRAGMA journal_mode=WAL")
+                _set_wal(cursor, SQLITE_BUSY_TIMEOUT_S)
                 cursor.execute("PRAGMA synchronous=NORMAL")
         finally:
             cursor.close()

@@ -134,6 +134,22 @@ def tie_embedders_(model: DiTTransformer2DModel) -> None:
         block.norm1.emb = shared
 
 
+@torch.no_grad()
+def init_from_(model: DiTTransformer2DModel, folder: Path) -> None:
+    """Warm start: copy the weights of an exported diffusers folder into the (tied) model.
+
+    The exported blocks hold equal copies of the shared embedder (see ``export``); they are
+    checked equal before the tied model takes them.
+    """
+    saved = DiTTransformer2DModel.from_pretrained(folder / "transformer").state_dict()
+    for key, value in saved.items():
+        if ".norm1.emb." in key and not key.startswith("transformer_blocks.0."):
+            first = "transformer_blocks.0." + key.split(".", 2)[2]
+            if not torch.equal(value, saved[first]):
+                raise ValueError(f"{folder}: {key} differs from block 0's copy; not a tied export")
+    model.load_state_dict(saved, strict=True)
+
+
 def set_train_mode(model: DiTTransformer2DModel) -> None:
     """Train mode, except the label embedder, which stays in eval mode.
 
@@ -193,6 +209,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=str(REPO / "base_models" / "fmnist-dit"))
     p.add_argument("--state", default=str(REPO / "base_models" / "_state" / "fmnist-dit.pt"))
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--init-from", default="", help="warm start from an exported folder (new optimizer)")
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=32)
@@ -225,6 +242,9 @@ def train(args: argparse.Namespace) -> None:
     diffusion = GaussianDiffusion(1000, 1e-4, 0.02)
 
     model = build_model(args)
+    if args.init_from:
+        init_from_(model, Path(args.init_from))
+        print(f"initialised from {args.init_from}", flush=True)
     ema = copy.deepcopy(model).eval()  # deepcopy keeps the shared embedder shared
     ema.requires_grad_(False)
     params = list(model.parameters())  # deduplicated: the shared embedder appears once
@@ -233,6 +253,13 @@ def train(args: argparse.Namespace) -> None:
     gen = torch.Generator().manual_seed(args.seed)
 
     step, wall_before, history, phases = 0, 0.0, [], []
+    steps_before = 0  # steps of the model this run was initialised from (--init-from)
+    if args.init_from and (Path(args.init_from) / "training.json").exists():
+        prior = json.loads((Path(args.init_from) / "training.json").read_text())
+        steps_before = prior.get("steps_before", 0) + prior["steps_done"]
+        phases = prior.get("earlier_phases", []) + [
+            {**prior["settings"], "until_step": prior["steps_done"], "wall_s": prior["wall_time_s"]}
+        ]
     if args.resume and state_path.exists():
         st = torch.load(state_path, map_location="cpu", weights_only=False)
         model.load_state_dict(st["model"])
@@ -240,7 +267,7 @@ def train(args: argparse.Namespace) -> None:
         opt.load_state_dict(st["opt"])
         gen.set_state(st["gen"])
         step, wall_before, history = st["step"], st["wall_s"], st["history"]
-        phases = st.get("phases", [])
+        phases, steps_before = st.get("phases", []), st.get("steps_before", 0)
         phases = phases + [{**st["args"], "until_step": step, "wall_s": round(wall_before, 1)}]
         print(f"resumed from {state_path} at step {step}", flush=True)
 
@@ -273,6 +300,7 @@ def train(args: argparse.Namespace) -> None:
             "ema": f"decay min({args.ema_decay}, (1+step)/(10+step)); the saved weights are the EMA",
             "augmentation": "random horizontal flip",
             "steps_done": step,
+            "steps_before": steps_before,  # in the phases before --init-from
             "wall_time_s": round(wall_before + (time.time() - t_start), 1),
             "threads": args.threads,
             "torch": torch.__version__,
@@ -297,6 +325,7 @@ def train(args: argparse.Namespace) -> None:
                 "history": history,
                 "args": vars(args),
                 "phases": phases,
+                "steps_before": steps_before,
             },
             tmp,
         )

@@ -8,6 +8,9 @@ only constants here.
 from __future__ import annotations
 
 import math
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
 
 NAMES = {
     "full": "Full fine-tuning",
@@ -40,9 +43,20 @@ def _compare(results: dict, a: str, b: str) -> tuple[float, float, float]:
 
 
 def _noise(diff: float, sigma: float) -> str:
-    if sigma > 0 and abs(diff) < 2 * sigma:
+    if _within_noise(diff, sigma):
         return f"within the noise (|difference| {abs(diff):.1f} < 2 x bootstrap spread {sigma:.1f})"
     return f"a clear margin (difference {abs(diff):.1f}, bootstrap spread {sigma:.1f})"
+
+
+def _within_noise(diff: float, sigma: float) -> bool:
+    return sigma > 0 and abs(diff) < 2 * sigma
+
+
+def _verdict(ok: bool, diff: float, sigma: float) -> str:
+    """'agrees' / 'disagrees' with the paper, or 'inconclusive' when the gap is within the noise."""
+    if _within_noise(diff, sigma):
+        return f"inconclusive (the direction {'agrees' if ok else 'disagrees'} with the paper)"
+    return "agrees with the paper" if ok else "disagrees with the paper"
 
 
 def statements(results: dict) -> list[str]:
@@ -60,9 +74,8 @@ def statements(results: dict) -> list[str]:
         if a in have and b in have:
             fa, fb, s = _compare(results, a, b)
             ok = fa <= fb if rel == "<=" else fa < fb
-            verdict = "agrees" if ok else "disagrees"
             out.append(
-                f"{NAMES[a]} {rel} {NAMES[b]}: {verdict} with the paper "
+                f"{NAMES[a]} {rel} {NAMES[b]}: {_verdict(ok, fa - fb, s)} "
                 f"({fa:.1f} vs {fb:.1f}; {_noise(fa - fb, s)})."
             )
     if "bitfit" in have and "lora" in have:
@@ -76,17 +89,18 @@ def statements(results: dict) -> list[str]:
             )
         else:
             verdict = f"disagrees: LoRA ({fb:.1f}) is not worse than BitFit ({fa:.1f})"
+        if _within_noise(fb - fa, s):
+            verdict = f"inconclusive, {verdict}"
         out.append(f"BitFit << LoRA: {verdict}; {_noise(fb - fa, s)}.")
     if "difffit" in have and "diff_tuning" in have:
         fa, fb, s = _compare(results, "difffit", "diff_tuning")
         gain = 100 * (fa - fb) / fa if fa > 0 else 0.0
         per = results["runs"]["diff_tuning"]
         wins = sum(per[d]["fid"] < results["runs"]["difffit"][d]["fid"] for d in per)
-        verdict = "agrees" if fb < fa else "disagrees"
         out.append(
             f"Diff-Tuning's gain over DiffFit: {gain:+.1f}% average FID ({fa:.1f} -> {fb:.1f}), lower on "
-            f"{wins}/{len(per)} data sets; {verdict} with the paper (lower FID on every data set, "
-            f"26% better than plain fine-tuning on average); {_noise(fb - fa, s)}."
+            f"{wins}/{len(per)} data sets; {_verdict(fb < fa, fb - fa, s)} (paper: lower FID on every "
+            f"data set, 26% better than plain fine-tuning on average); {_noise(fb - fa, s)}."
         )
     if "difffit" in have and m["difffit"].get("train_time_rel_full"):
         out.append(
@@ -108,14 +122,20 @@ def _ablation_statements(results: dict) -> list[str]:
     if not rows:
         return []
     best = min(rows, key=lambda k: rows[k]["fid"])
-    spread = math.hypot(*(r["fid_bootstrap_std"] for r in rows.values())) / math.sqrt(len(rows) / 2)
-    ok = "agrees" if best == "first_half" else "disagrees"
+    name = DATASET_NAMES.get(results["ablation"]["dataset"], results["ablation"]["dataset"])
+    listing = ", ".join(
+        f"{k.replace('_', ' ')} {r['fid']:.1f} ± {r['fid_bootstrap_std']:.1f}" for k, r in rows.items()
+    )
+    if best == "first_half" or "first_half" not in rows:
+        verdict, gap = ("agrees with the paper" if best == "first_half" else "no first-half row"), ""
+    else:
+        a, b = rows["first_half"], rows[best]
+        diff, sigma = a["fid"] - b["fid"], math.hypot(a["fid_bootstrap_std"], b["fid_bootstrap_std"])
+        verdict, gap = _verdict(False, diff, sigma), f"; first half vs best: {_noise(diff, sigma)}"
     return [
-        f"Gamma placement ({DATASET_NAMES.get(results['ablation']['dataset'], results['ablation']['dataset'])}): "
-        f"lowest FID with gamma in {SPAN_WORDS.get(best, best)} blocks ("
-        + ", ".join(f"{k.replace('_', ' ')} {r['fid']:.1f}" for k, r in rows.items())
-        + f"; typical bootstrap spread {spread:.1f}); {ok} with the paper, where the first half is best "
-        "(Table 4b: blocks 1-14 7.61 vs all 28 blocks 8.19)."
+        f"Gamma placement ({name}): lowest FID with gamma in {SPAN_WORDS.get(best, best)} blocks "
+        f"({listing}); {verdict}, where the first half is best "
+        f"(Table 4b: blocks 1-14 7.61 vs all 28 blocks 8.19){gap}."
     ]
 
 
@@ -196,12 +216,16 @@ def render(results: dict) -> str:
         f"{DATASET_NAMES.get(d, d)} ({v['train']}/{v['test']})" for d, v in results["datasets"].items()
     )
     bullets = "\n".join(f"- {s}" for s in results["statements"])
-    grids = ", ".join(
-        f"`paper_samples_{k}.png`" for k in ["real", *[k for k in NAMES if k in results["runs"]]]
+    grids = "\n\n".join(
+        f"**{NAMES.get(k, 'Real test images')}**\n\n![{NAMES.get(k, 'real')} samples](paper_samples_{k}.png)"
+        for k in ["real", *[k for k in NAMES if k in results["runs"]]]
     )
+    base = results["base"]["source"]
+    if base.startswith(str(REPO) + "/"):
+        base = base[len(str(REPO)) + 1 :]
     return f"""# DiffFit paper, Table 1 at small scale (issue 5)
 {quick}
-`python -m bench.paper.study{" --quick" if results.get("quick") else ""}` — base `{results["base"]["source"]}`
+`python -m bench.paper.study{" --quick" if results.get("quick") else ""}` — base `{base}`
 (Fashion-MNIST DiT, {results["base"]["total_params"]:,} parameters with the embedders tied), data sets
 (train/test) {sets}. Every method: {cfg["steps"]} steps, batch {cfg["batch_size"]}, seed {cfg["seed"]}, the
 DiT hybrid loss, 10% label dropout, random flips, AdamW (weight decay 0). LoRA: rank {lora["rank"]}, alpha
@@ -240,5 +264,10 @@ the class table trained as in DiffFit (lr 1e-3). The main table's DiffFit uses t
 
 {_ablation(results)}
 
-Sample grids (rows = classes, 4 columns per data set in the order above): {grids}.
+## Sample grids
+
+Rows = classes; 4 columns per data set, data sets left to right in the table's order; the same seeds
+for every method.
+
+{grids}
 """

@@ -67,3 +67,16 @@ def test_render_marks_quick_runs():
     q = copy.deepcopy(r)
     q["quick"] = True
     assert "QUICK RUN" in render(q)
+
+
+def test_statements_call_gaps_within_the_noise_inconclusive():
+    close = dict(PAPER_LIKE, difffit=12.2, diff_tuning=12.0)  # gaps of 0.2 with spreads of ~0.5
+    r = fake_results(close, {"none": 9.0, "first_half": 9.3, "all": 11.0})
+    lines = statements(r)
+    assert any(
+        line.startswith("DiffFit <= Full fine-tuning: inconclusive (the direction disagrees")
+        for line in lines
+    )
+    assert any("Diff-Tuning" in line and "inconclusive (the direction agrees" in line for line in lines)
+    assert any("gamma in no blocks" in line and "inconclusive" in line for line in lines)
+    assert any(line.startswith("Full fine-tuning < BitFit: agrees with the paper") for line in lines)

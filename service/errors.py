@@ -145,7 +145,8 @@ def domain_error_response(exc: E.DiffFitError) -> JSONResponse:
     if status in (500, 503):
         # Server-side faults: the message may name hosts, paths or driver errors.
         # Log it; the client gets a fixed text for the (stable) code.
-        log.error("server-side error %s: %s", code, exc.message)
+        level = getattr(exc, "log_level", logging.ERROR)
+        log.log(level, "server-side error %s: %s", code, exc.message)
         detail = _SAFE_DETAIL.get(code, _SAFE_DETAIL["internal"])
     if isinstance(exc, E.BackendUnavailable):
         headers["Retry-After"] = "5"

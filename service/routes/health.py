@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -57,8 +58,10 @@ async def readyz(registry: RegistryDep, queue: QueueDep) -> Readiness:
             checks[name] = "down"
             failed.append(name)
     if failed:
-        err = BackendUnavailable(f"Not ready: {', '.join(failed)} failed.")
+        err = BackendUnavailable(f"Not ready: {', '.join(f'{n} {checks[n]}' for n in failed)}.")
         err.problem_extra = {"checks": checks, "failed": failed}  # type: ignore[attr-defined]
+        # Probes poll this while the service starts: an answer, not a fault.
+        err.log_level = logging.INFO  # type: ignore[attr-defined]
         raise err
     return Readiness(checks=checks)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from service.deps import get_queue
 from service.main import create_app
 
@@ -42,6 +44,20 @@ def test_readyz_503_without_a_live_worker(client, fake_queue, assert_problem):
     body = assert_problem(client.get("/readyz"), 503, "backend-unavailable")
     assert body["checks"] == {"registry": "ok", "redis": "ok", "workers": "down"}
     assert body["failed"] == ["workers"]
+
+
+def test_not_ready_is_logged_as_info_but_a_backend_fault_elsewhere_as_error(
+    client, fake_queue, acme, caplog, assert_problem
+):
+    # Probes poll /readyz while the service starts: those answers must not fill the log with errors.
+    fake_queue.workers = []
+    with caplog.at_level(logging.INFO, logger="difffit.service"):
+        assert_problem(client.get("/readyz"), 503, "backend-unavailable")
+        fake_queue.down = True
+        assert_problem(client.post("/generate?class=0", headers=acme.headers), 503, "backend-unavailable")
+    levels = [(r.levelno, r.getMessage()) for r in caplog.records if "server-side error" in r.getMessage()]
+    assert levels[0] == (logging.INFO, "server-side error backend-unavailable: Not ready: workers down.")
+    assert levels[-1][0] == logging.ERROR and "Not ready" not in levels[-1][1]
 
 
 def test_readyz_503_when_the_database_is_down(settings, fake_queue, make_client, assert_problem):

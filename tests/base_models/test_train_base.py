@@ -6,7 +6,6 @@ a few synthetic IDX images so they take seconds.
 
 from __future__ import annotations
 
-import gzip
 import json
 from pathlib import Path
 
@@ -16,13 +15,8 @@ import torch
 from diffusers import DiTTransformer2DModel
 
 from base_models.train_base import load_fmnist, parse_args, train
+from tests.idx import write_idx
 from worker.adapter.model import DiffFitDiT
-
-
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
 
 
 @pytest.fixture
@@ -30,8 +24,8 @@ def fake_fmnist(tmp_path: Path) -> Path:
     rng = np.random.default_rng(0)
     folder = tmp_path / "fmnist"
     folder.mkdir()
-    _write_idx(folder / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (64, 28, 28)))
-    _write_idx(folder / "train-labels-idx1-ubyte.gz", np.arange(64) % 10)
+    write_idx(folder / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (64, 28, 28)))
+    write_idx(folder / "train-labels-idx1-ubyte.gz", np.arange(64) % 10)
     return folder
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 
 import numpy as np
@@ -11,13 +10,7 @@ from PIL import Image
 
 from bench import adapter_domain
 from bench.paper.data import DatasetUnavailable, load_dataset
-
-
-def write_idx(path, array: np.ndarray) -> None:
-    """A gzipped unsigned-byte IDX file, as Debian's dataset-fashion-mnist ships them."""
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
+from tests.idx import write_idx
 
 
 @pytest.fixture

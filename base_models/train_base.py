@@ -40,7 +40,7 @@ from diffusers import DDPMScheduler, DiTTransformer2DModel  # noqa: E402
 from diffusers.models.embeddings import LabelEmbedding  # noqa: E402
 
 from base_models.tiny import FASHION, scheduler_config_kwargs  # noqa: E402
-from worker.diffusion import GaussianDiffusion  # noqa: E402
+from core.diffusion import GaussianDiffusion  # noqa: E402
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 LABELS = FASHION

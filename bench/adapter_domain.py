@@ -45,8 +45,8 @@ from bench.paper.data import DIGITS, ImageSet, load_mnist_raw, stratified_split,
 from bench.paper.methods import ADAPTER_SLOT, StudyBase
 from bench.paper.sampling import balanced_labels, grid_image, sample_images
 from bench.paper.study import balanced_subset
+from core.engine.training import TrainingData, TrainingRun
 from difffit.contract import FinetuneRequest
-from worker.engine.training import TrainingData, TrainingRun
 
 REPO = Path(__file__).resolve().parents[1]
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")

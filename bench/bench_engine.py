@@ -30,15 +30,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adapters_store import BlobStore  # noqa: E402
+from core.adapter.file import adapter_metadata, load_adapter, save_adapter  # noqa: E402
+from core.adapter.layers import Route  # noqa: E402
+from core.adapter.model import DiffFitDiT  # noqa: E402
+from core.base_model import BaseModel  # noqa: E402
+from core.engine.bank import SlotBank  # noqa: E402
+from core.engine.engine import Engine  # noqa: E402
+from core.engine.sampling import SampleRequest, denoise_step  # noqa: E402
+from core.shapes import SHAPES  # noqa: E402
 from difffit.contract import Placement  # noqa: E402
-from worker.adapter.file import adapter_metadata, load_adapter, save_adapter  # noqa: E402
-from worker.adapter.layers import Route  # noqa: E402
-from worker.adapter.model import DiffFitDiT  # noqa: E402
-from worker.base_model import BaseModel  # noqa: E402
-from worker.engine.bank import SlotBank  # noqa: E402
-from worker.engine.engine import Engine  # noqa: E402
-from worker.engine.sampling import SampleRequest, denoise_step  # noqa: E402
-from worker.shapes import SHAPES  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NUM_CLASSES = 10

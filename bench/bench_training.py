@@ -29,13 +29,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_engine import NUM_CLASSES, _scheduler_config, dit_s, pct  # noqa: E402
+from core.adapter.model import DiffFitDiT  # noqa: E402
+from core.base_model import BaseModel  # noqa: E402
+from core.diffusion import GaussianDiffusion  # noqa: E402
+from core.engine.engine import Engine  # noqa: E402
+from core.engine.sampling import SampleRequest  # noqa: E402
+from core.engine.training import TrainingData, TrainingRun  # noqa: E402
 from difffit.contract import FinetuneRequest  # noqa: E402
-from worker.adapter.model import DiffFitDiT  # noqa: E402
-from worker.base_model import BaseModel  # noqa: E402
-from worker.diffusion import GaussianDiffusion  # noqa: E402
-from worker.engine.engine import Engine  # noqa: E402
-from worker.engine.sampling import SampleRequest  # noqa: E402
-from worker.engine.training import TrainingData, TrainingRun  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

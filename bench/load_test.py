@@ -45,7 +45,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from difffit.contract import WORKER_STATS_INTERVAL_S  # noqa: E402
-from difffit.embedded import stop_process  # noqa: E402
+from launch.embedded import stop_process  # noqa: E402
 from tests.e2e.conftest import class_folder_zip, running_stack  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -21,15 +21,15 @@ from datetime import UTC, datetime
 
 import torch
 
+from core.adapter.file import adapter_metadata, save_adapter
+from core.adapter.model import count_params
+from core.diffusion import GaussianDiffusion
+from core.engine.images import grid_png
+from core.engine.sampling import SampleRequest
+from core.engine.training import TrainingData, TrainingRun
 from difffit.contract import TERMINAL_JOB_STATES, FinetuneRequest
 from difffit.errors import DiffFitError, InvalidDataset, JobCancelled
-from worker.adapter.file import adapter_metadata, save_adapter
-from worker.adapter.model import count_params
 from worker.datasets import ImageSet, load_dataset
-from worker.diffusion import GaussianDiffusion
-from worker.engine.images import grid_png
-from worker.engine.sampling import SampleRequest
-from worker.engine.training import TrainingData, TrainingRun
 
 log = logging.getLogger(__name__)
 GRID_CLASSES, GRID_PER_CLASS = 16, 4

@@ -17,13 +17,13 @@ from concurrent.futures import TimeoutError as FutureTimeout
 import torch
 
 from adapters_store import BlobStore, Registry
+from core.adapter.file import load_adapter
+from core.base_model import BaseModel, load_base, resolve_device
+from core.engine.engine import Engine
+from core.engine.sampling import SampleRequest
 from difffit.contract import GenerateResult, GenerateTask
 from difffit.errors import AdapterNotFound, GenerationTimeout, InvalidRequest
 from difffit.settings import Settings
-from worker.adapter.file import load_adapter
-from worker.base_model import BaseModel, load_base, resolve_device
-from worker.engine.engine import Engine
-from worker.engine.sampling import SampleRequest
 
 log = logging.getLogger(__name__)
 

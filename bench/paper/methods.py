@@ -1,7 +1,7 @@
 """The five fine-tuning methods of the study, with identical data, steps, batch and seed.
 
 - ``bitfit``, ``difffit``, ``diff_tuning`` run the project's own trainer
-  (``worker.engine.training.TrainingRun``) on a shared ``DiffFitDiT``; the
+  (``core.engine.training.TrainingRun``) on a shared ``DiffFitDiT``; the
   trained adapter goes into slot 1 for sampling.
 - ``full`` and ``lora`` are written here against a plain diffusers DiT (as
   ``bench/bench_training.py``'s full variant is), with the tied embedders and
@@ -25,11 +25,11 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from core.adapter.model import CLASS_TABLE, DiffFitDiT, tie_shared_embeddings
+from core.base_model import load_base
+from core.diffusion import GaussianDiffusion
+from core.engine.training import VLB_WEIGHT, TrainingData, TrainingRun, draw_batch
 from difffit.contract import FinetuneRequest, Placement
-from worker.adapter.model import CLASS_TABLE, DiffFitDiT, tie_shared_embeddings
-from worker.base_model import load_base
-from worker.diffusion import GaussianDiffusion
-from worker.engine.training import VLB_WEIGHT, TrainingData, TrainingRun, draw_batch
 
 from .sampling import PlainDiT
 

@@ -1,6 +1,6 @@
 """Sampling for the study: the worker's own DDIM path, and sample grids.
 
-Every method samples through ``worker.engine.sampling`` (``SampleRequest`` +
+Every method samples through ``core.engine.sampling`` (``SampleRequest`` +
 ``denoise_step``): DDIM (eta 0), classifier-free guidance on the eps half as
 diffusers' DiTPipeline does. Adapters (BitFit, DiffFit, Diff-Tuning) run on a
 ``DiffFitDiT`` slot; the full and LoRA models are plain diffusers transformers
@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from worker.adapter.layers import Route
-from worker.engine.sampling import SampleRequest, denoise_step
+from core.adapter.layers import Route
+from core.engine.sampling import SampleRequest, denoise_step
 
 
 class PlainDiT(nn.Module):

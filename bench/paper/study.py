@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.engine.training import TrainingData
 from difffit.contract import Placement
-from worker.engine.training import TrainingData
 
 from .classifier import accuracy, train_classifier
 from .data import DATASETS, ImageSet, load_dataset

@@ -15,8 +15,8 @@ import torch
 from diffusers import DiTTransformer2DModel
 
 from base_models.train_base import load_fmnist, parse_args, train
+from core.adapter.model import DiffFitDiT
 from tests.idx import write_idx
-from worker.adapter.model import DiffFitDiT
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ import torch
 from base_models.tiny import make_tiny_base
 from bench.paper.methods import METHODS, StudyBase, finetune
 from bench.paper.sampling import balanced_labels, sample_images
+from core.engine.training import TrainingData
 from difffit.contract import Placement
-from worker.engine.training import TrainingData
 
 
 @pytest.fixture(scope="module")

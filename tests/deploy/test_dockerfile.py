@@ -141,8 +141,15 @@ def test_worker_runs_the_entrypoint_on_the_configured_queues() -> None:
 
 def test_cli_works_in_the_api_image() -> None:
     # `difffit` (db upgrade in compose's migrate service, tenant create) builds
-    # its parser from worker.shapes; the api image must contain it.
+    # its parser from core.shapes; the api image must contain launch/, core/ and adapters_store/.
     copied = " ".join(arg for stage in lineage("api") for arg in stage.args("COPY"))
-    assert re.search(r"\bworker\b", copied) and re.search(r"\badapters_store\b", copied)
-    shapes = (REPO / "worker" / "shapes.py").read_text()
+    for package in ("launch", "core", "adapters_store"):
+        assert re.search(rf"\b{package}\b", copied), package
+    shapes = (REPO / "core" / "shapes.py").read_text()
     assert not re.search(r"^\s*(import|from)\s+torch", shapes, re.MULTILINE)
+
+
+def test_worker_image_holds_the_torch_core_and_the_celery_worker() -> None:
+    copied = " ".join(arg for stage in lineage("worker") for arg in stage.args("COPY"))
+    for package in ("difffit", "core", "worker", "base_models", "adapters_store"):
+        assert re.search(rf"\b{package} \./{package}\b", copied), package

@@ -240,7 +240,7 @@ def test_alembic_command_line_reads_difffit_database_url(tmp_path: Path) -> None
 def test_difffit_db_upgrade_prints_the_revision_without_torch(tmp_path: Path) -> None:
     # compose's migrate service runs this in the api image, which has no torch.
     code = (
-        "import sys; from difffit.cli import main; rc = main(['db', 'upgrade']); "
+        "import sys; from launch.cli import main; rc = main(['db', 'upgrade']); "
         "assert 'torch' not in sys.modules, 'db upgrade imported torch'; sys.exit(rc)"
     )
     env = {**os.environ, "DIFFFIT_DATABASE_URL": f"sqlite:///{tmp_path / 'cli.db'}", "PYTHONPATH": str(REPO)}

@@ -23,9 +23,9 @@ import pytest
 from PIL import Image
 
 from base_models.tiny import make_tiny_base
-from difffit.demo import serve_folder
-from difffit.embedded import api_command, child_env, free_port, start_redis, stop_process, worker_command
 from difffit.settings import Settings
+from launch.demo import serve_folder
+from launch.embedded import api_command, child_env, free_port, start_redis, stop_process, worker_command
 from tests.pg import pg_reachable, throwaway_database
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,7 +46,7 @@ class Stack:
 
     def cli(self, *args: str) -> str:
         out = subprocess.run(
-            [sys.executable, "-m", "difffit.cli", *args],
+            [sys.executable, "-m", "launch.cli", *args],
             env=self.env, capture_output=True, text=True, timeout=120, check=True, cwd=REPO,
         )  # fmt: skip
         return out.stdout.strip()

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from adapters_store import BlobStore
-from difffit.embedded import stop_process
+from launch.embedded import stop_process
 
 from .conftest import class_folder_zip, running_stack
 

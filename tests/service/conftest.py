@@ -23,9 +23,9 @@ from fastapi.testclient import TestClient
 
 from adapters_store import Registry, TenantRecord, VersionRecord
 from difffit.contract import WORKER_STATS_KEY, GenerateResult, GenerateTask, WorkerStats
-from difffit.embedded import free_port, start_redis, stop_process
 from difffit.errors import BackendUnavailable
 from difffit.settings import Settings
+from launch.embedded import free_port, start_redis, stop_process
 from service.deps import get_queue
 from service.main import create_app
 from service.queue import QueueClient

@@ -15,7 +15,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from difffit import contract
-from difffit.embedded import free_port, start_redis, stop_process
+from launch.embedded import free_port, start_redis, stop_process
 from service.main import create_app
 
 from .conftest import publish_worker

@@ -12,9 +12,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_service_does_not_import_torch():
     code = (
-        "import sys, service.main, service.queue, service.deps, difffit.embedded\n"
+        "import sys, service.main, service.queue, service.deps, launch.embedded\n"
         "service.main.create_app()\n"
-        "bad = [m for m in ('torch', 'diffusers', 'worker') if m in sys.modules]\n"
+        "bad = [m for m in ('torch', 'diffusers', 'worker', 'core') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO), "DIFFFIT_DATA_DIR": "/nonexistent-difffit"}

@@ -14,8 +14,8 @@ import redis
 
 from difffit import contract
 from difffit import errors as E
-from difffit.embedded import free_port, start_redis, stop_process
 from difffit.settings import Settings
+from launch.embedded import free_port, start_redis, stop_process
 from service.queue import QueueClient
 
 from .conftest import publish_worker, worker_stats

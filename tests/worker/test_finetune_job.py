@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
+from core.diffusion import GaussianDiffusion
+from core.engine.training import TrainingData, TrainingRun
 from difffit.contract import FinetuneRequest
 from difffit.errors import AdapterNotFound
 from difffit.settings import Settings
 from tests.e2e.conftest import class_folder_zip
-from worker.diffusion import GaussianDiffusion
-from worker.engine.training import TrainingData, TrainingRun
 from worker.runtime import Runtime
 
 
@@ -64,8 +64,8 @@ def test_diff_tuning_job_builds_a_retention_set(runtime, tmp_path):
 
 
 def test_diff_tuning_batches_mix_target_and_retention(tiny_base):
-    from worker.adapter.model import DiffFitDiT
-    from worker.base_model import load_base
+    from core.adapter.model import DiffFitDiT
+    from core.base_model import load_base
 
     base = load_base(tiny_base)
     model = DiffFitDiT(base.transformer, slots=2, max_classes=10)

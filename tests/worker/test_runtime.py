@@ -6,13 +6,12 @@ import base64
 
 import pytest
 
+from core.adapter.file import adapter_metadata, save_adapter
 from difffit.contract import AdapterRef, GenerateTask, Placement
 from difffit.errors import AdapterNotFound, CorruptBlob, InvalidRequest
 from difffit.settings import Settings
-from worker.adapter.file import adapter_metadata, save_adapter
+from tests.conftest import random_adapter
 from worker.runtime import Runtime
-
-from .conftest import random_adapter
 
 
 @pytest.fixture

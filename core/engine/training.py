@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from core.adapter.layers import Route
+from core.adapter.model import DiffFitDiT
+from core.diffusion import GaussianDiffusion
 from difffit.contract import FinetuneRequest
 from difffit.errors import JobCancelled
-from worker.adapter.layers import Route
-from worker.adapter.model import DiffFitDiT
-from worker.diffusion import GaussianDiffusion
 
 LABEL_DROPOUT = 0.1
 VLB_WEIGHT = 1.0  # on the per-step vb term == lambda 0.001 on L_vlb (T = 1000)

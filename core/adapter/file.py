@@ -1,6 +1,6 @@
 """The adapter file: one ``.safetensors`` with a JSON metadata header.
 
-Tensors are named as in :mod:`worker.adapter.model`; the safetensors
+Tensors are named as in :mod:`core.adapter.model`; the safetensors
 ``__metadata__`` carries one key, ``"difffit"``, a JSON object with the base
 model id and content hash, method, placement, class names, resolution and
 training settings. The header is readable without torch

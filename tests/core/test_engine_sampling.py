@@ -10,13 +10,12 @@ import torch
 from PIL import Image
 
 from base_models.tiny import make_tiny_base
+from core.adapter.model import DiffFitDiT
+from core.base_model import load_base
+from core.engine.engine import Engine
+from core.engine.sampling import SampleRequest, denoise_step
 from difffit.contract import Placement
-from worker.adapter.model import DiffFitDiT
-from worker.base_model import load_base
-from worker.engine.engine import Engine
-from worker.engine.sampling import SampleRequest, denoise_step
-
-from .conftest import random_adapter
+from tests.conftest import random_adapter
 
 SCHEDULERS = ["ddim", "dpm++", "ddpm"]
 

@@ -6,15 +6,14 @@ import pytest
 import torch
 from diffusers import DiTTransformer2DModel
 
+from core.adapter.file import adapter_metadata, load_adapter, save_adapter
+from core.adapter.layers import Route
+from core.adapter.merge import export_merged
+from core.adapter.model import DiffFitDiT
+from core.base_model import load_base
 from difffit.contract import Placement
 from difffit.errors import IncompatibleAdapter, InvalidRequest
-from worker.adapter.file import adapter_metadata, load_adapter, save_adapter
-from worker.adapter.layers import Route
-from worker.adapter.merge import export_merged
-from worker.adapter.model import DiffFitDiT
-from worker.base_model import load_base
-
-from .conftest import random_adapter
+from tests.conftest import random_adapter
 
 
 def _meta(base, classes: int) -> dict:
@@ -71,7 +70,7 @@ def test_applied_adapter_equals_merged_export_in_plain_diffusers(tiny_base, tmp_
 
 @torch.no_grad()
 def test_extract_from_a_fine_tuned_diffusers_model_inverts_the_merge(tiny_base, tmp_path):
-    from worker.adapter.extract import extract_adapter
+    from core.adapter.extract import extract_adapter
 
     base = load_base(tiny_base)
     model = DiffFitDiT(base.transformer, slots=2, max_classes=10)

@@ -13,7 +13,7 @@ from collections import OrderedDict
 
 import torch
 
-from worker.adapter.model import DiffFitDiT
+from core.adapter.model import DiffFitDiT
 
 
 class SlotBank:

@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from core.adapter.model import CLASS_TABLE, SHARED_EMB, DiffFitDiT
+from core.adapter.placement import gamma_layers
 from difffit.contract import Placement
 from difffit.errors import IncompatibleAdapter
-from worker.adapter.model import CLASS_TABLE, SHARED_EMB, DiffFitDiT
-from worker.adapter.placement import gamma_layers
 
 
 @torch.no_grad()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from core.adapter.model import DiffFitDiT, count_params
+from core.shapes import SHAPES
 from difffit.contract import Placement
-from worker.adapter.model import DiffFitDiT, count_params
-from worker.shapes import SHAPES
 
 
 def dit_config(shape: str, num_classes: int = 1000, sample_size: int = 32) -> dict:

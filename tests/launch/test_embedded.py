@@ -1,4 +1,4 @@
-"""difffit.embedded: the redis-server helper, the supervisor and `difffit serve`."""
+"""launch.embedded: the redis-server helper, the supervisor and `difffit serve`."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from difffit import embedded
 from difffit.settings import Settings
+from launch import embedded
 
 REPO = Path(__file__).resolve().parents[2]
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
@@ -116,7 +116,7 @@ def test_serve_runs_redis_and_api_and_stops_on_sigterm(tmp_path):
     port = embedded.free_port()
     code = (
         "import sys\n"
-        "from difffit import embedded\n"
+        "from launch import embedded\n"
         f"embedded.worker_command = lambda s: {SLEEPER!r}\n"
         "sys.exit(embedded.serve())\n"
     )

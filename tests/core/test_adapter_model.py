@@ -6,14 +6,13 @@ import pytest
 import torch
 from diffusers import DiTTransformer2DModel
 
+from core.adapter.layers import Route
+from core.adapter.model import DiffFitDiT, count_params
+from core.adapter.placement import gamma_layers
+from core.params import count_for_shape
 from difffit.contract import Placement
 from difffit.errors import IncompatibleAdapter
-from worker.adapter.layers import Route
-from worker.adapter.model import DiffFitDiT, count_params
-from worker.adapter.placement import gamma_layers
-from worker.params import count_for_shape
-
-from .conftest import random_adapter
+from tests.conftest import random_adapter
 
 
 def _load(path: str) -> DiTTransformer2DModel:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from worker.adapter.model import CLASS_TABLE, SHARED_EMB
+from core.adapter.model import CLASS_TABLE, SHARED_EMB
 
 
 def _targets(name: str, num_layers: int) -> list[str]:

@@ -1,4 +1,6 @@
-"""Fixtures for the worker tests: tiny random DiT folders in diffusers layout."""
+"""Shared fixtures of the core and worker tests: tiny random DiT folders in diffusers layout.
+
+Session-scoped here (not per folder) so both test folders build each base once."""
 
 from __future__ import annotations
 

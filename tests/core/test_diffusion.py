@@ -1,4 +1,4 @@
-"""Checks of worker.diffusion against independent closed forms (float64 reference maths)."""
+"""Checks of core.diffusion against independent closed forms (float64 reference maths)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from worker.diffusion import GaussianDiffusion
+from core.diffusion import GaussianDiffusion
 
 T = 1000
 

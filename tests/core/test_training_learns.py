@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import torch
 
+from core.adapter.layers import Route
+from core.adapter.model import CLASS_TABLE, DiffFitDiT
+from core.base_model import load_base
+from core.diffusion import GaussianDiffusion
+from core.engine.training import VLB_WEIGHT, TrainingData, TrainingRun
 from difffit.contract import FinetuneRequest
-from worker.adapter.layers import Route
-from worker.adapter.model import CLASS_TABLE, DiffFitDiT
-from worker.base_model import load_base
-from worker.diffusion import GaussianDiffusion
-from worker.engine.training import VLB_WEIGHT, TrainingData, TrainingRun
 
 
 def _stripes(n_per_class: int = 16) -> TrainingData:

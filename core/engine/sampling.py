@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from core.adapter.layers import Route
+from core.adapter.model import DiffFitDiT
 from difffit.errors import InvalidRequest
-from worker.adapter.layers import Route
-from worker.adapter.model import DiffFitDiT
 
 
 def make_scheduler(name: str, base_config: dict, steps: int):

@@ -22,7 +22,7 @@ from difffit.settings import get_settings
 
 
 def _params(args: argparse.Namespace) -> int:
-    from worker.params import count_for_shape, format_counts
+    from core.params import count_for_shape, format_counts
 
     counts = count_for_shape(args.shape, args.classes, args.method)
     print(json.dumps(counts, indent=2) if args.json else format_counts(counts))
@@ -65,15 +65,15 @@ def _db(args: argparse.Namespace) -> int:
 
 
 def _serve(_: argparse.Namespace) -> int:
-    from difffit.embedded import serve
+    from launch.embedded import serve
 
     return serve(get_settings())
 
 
 def _export(args: argparse.Namespace) -> int:
     from adapters_store import BlobStore
-    from worker.adapter.file import load_adapter
-    from worker.adapter.merge import export_merged
+    from core.adapter.file import load_adapter
+    from core.adapter.merge import export_merged
 
     settings = get_settings()
     registry = _registry()
@@ -87,7 +87,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    from worker.shapes import SHAPES
+    from core.shapes import SHAPES
 
     parser = argparse.ArgumentParser(prog="difffit", description="DiffFit Serve command line.")
     sub = parser.add_subparsers(dest="command", required=True)

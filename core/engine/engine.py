@@ -22,12 +22,12 @@ from concurrent.futures import Future
 
 import torch
 
+from core.adapter.model import DiffFitDiT
+from core.base_model import BaseModel
+from core.engine.bank import SlotBank
+from core.engine.images import to_png
+from core.engine.sampling import SampleRequest, denoise_step
 from difffit.errors import DiffFitError
-from worker.adapter.model import DiffFitDiT
-from worker.base_model import BaseModel
-from worker.engine.bank import SlotBank
-from worker.engine.images import to_png
-from worker.engine.sampling import SampleRequest, denoise_step
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class Engine:
         return request.future
 
     def submit_training(self, run) -> Future:
-        """Queue a training run (see worker.engine.training); resolves when it ends."""
+        """Queue a training run (see core.engine.training); resolves when it ends."""
         self._inbox.put(("train", run))
         return run.future
 

@@ -18,9 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from difffit.contract import Placement
-from difffit.errors import IncompatibleAdapter
-from worker.adapter.layers import (
+from core.adapter.layers import (
     AdaptedConv2d,
     AdaptedLinear,
     CachedConditioning,
@@ -28,7 +26,9 @@ from worker.adapter.layers import (
     Route,
     RouteHolder,
 )
-from worker.adapter.placement import gamma_layers, gamma_placeable
+from core.adapter.placement import gamma_layers, gamma_placeable
+from difffit.contract import Placement
+from difffit.errors import IncompatibleAdapter
 
 CLASS_TABLE = ClassTableBank.name
 SHARED_EMB = "transformer_blocks.0.norm1.emb"

@@ -60,7 +60,11 @@ def test_request_in_a_mixed_batch_of_8_adapters_equals_it_alone(tiny_base):
         alone = start(_request(i, i + 1, 3))
         while not alone.done:
             denoise_step(model, [alone], base.learned_sigma)
-        assert (r.latents - alone.latents).abs().max().item() <= 1e-4, f"request {i}"
+        # fp32 sums in a batch of 8..20 rows and in one of 2 run in another order: the random tiny
+        # base's latents reach ~160 after 3 steps, so allow 1e-6 of that on top of 1e-4 (2 threads
+        # measured 1.3e-4). A request routed to a wrong slot differs by O(1).
+        tol = 1e-4 + 1e-6 * alone.latents.abs().max().item()
+        assert (r.latents - alone.latents).abs().max().item() <= tol, f"request {i}"
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,9 @@
-"""Adapted layers: a frozen weight followed by a per-adapter affine.
+"""Adapted layers: a frozen weight followed by a per-adapter transform of its output.
 
 Every place DiffFit touches computes ``y = gamma * (W x) + b`` with ``W``
-frozen (DESIGN.md section 1). Each adapted layer keeps a *bank* of S rows of
-``gamma`` and ``b`` (slot 0 is the base model) and a shared :class:`Route`
-tells it, per forward, which rows to use:
+frozen (``../shared/DESIGN.md`` section 1). Each adapted layer keeps a *bank*
+of S rows of ``gamma`` and ``b`` (slot 0 is the base model) and a shared
+:class:`Route` tells it, per forward, which rows to use:
 
 - ``Route.slot``: every sample uses one slot (the cheap path: one fused
   ``F.linear`` with that slot's bias when its gamma is 1);
@@ -11,15 +11,23 @@ tells it, per forward, which rows to use:
   rows ``[B, out]`` and broadcast over tokens;
 - ``Route.params``: live trainable tensors of a fine-tuning job, so autograd
   reaches them while the bank and the base stay frozen.
+
+The arithmetic of each path belongs to the adapter method
+(:mod:`core.adapter.method`, :mod:`core.adapter.difffit`); a layer picks the
+path and supplies ``project`` (``W x``), ``rows`` and ``channels``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from core.adapter.method import AdapterMethod
 
 
 @dataclass
@@ -56,21 +64,25 @@ class RouteHolder:
     current: Route = field(default_factory=Route)
 
 
-def _broadcast_rows(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """[B, out] -> [B, 1, ..., out] matching ``like``'s rank (channels last)."""
-    return rows.view(rows.shape[0], *([1] * (like.dim() - 2)), rows.shape[1])
-
-
 class AdaptedLinear(nn.Module):
     """A frozen ``nn.Linear`` whose bias (and optional gamma) come from a bank.
 
     Shapes: x [B, ..., in] -> y [B, ..., out]; bias_bank, gamma_bank [S, out].
     """
 
-    def __init__(self, base: nn.Linear, name: str, holder: RouteHolder, slots: int, gamma: bool):
+    def __init__(
+        self,
+        base: nn.Linear,
+        name: str,
+        holder: RouteHolder,
+        slots: int,
+        gamma: bool,
+        method: AdapterMethod,
+    ):
         super().__init__()
         self.name = name
         self.holder = holder
+        self.method = method
         self.weight = nn.Parameter(base.weight.detach(), requires_grad=False)
         out = base.out_features
         bias = base.bias.detach() if base.bias is not None else torch.zeros(out)
@@ -87,24 +99,27 @@ class AdaptedLinear(nn.Module):
     def out_features(self) -> int:
         return self.weight.shape[0]
 
+    def project(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """W x (+ bias, fused): x [B, ..., in] -> [B, ..., out]."""
+        return F.linear(x, self.weight, bias)
+
+    @staticmethod
+    def rows(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Per-sample rows [B, out] -> [B, 1, ..., out] matching ``like``'s rank (channels last)."""
+        return rows.view(rows.shape[0], *([1] * (like.dim() - 2)), rows.shape[1])
+
+    @staticmethod
+    def channels(vector: torch.Tensor) -> torch.Tensor:
+        """A per-channel vector [out], broadcastable against the output (channels last)."""
+        return vector
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         route = self.holder.current
         if route.params is not None:
-            y = F.linear(x, self.weight)
-            gamma = route.params.get(f"{self.name}.gamma")
-            if gamma is not None:
-                y = y * gamma
-            return y + route.params[f"{self.name}.bias"]
+            return self.method.forward_live(self, x, route.params)
         if route.slot is not None:
-            s = route.slot
-            if not self.has_gamma[s]:
-                return F.linear(x, self.weight, self.bias_bank[s])
-            return torch.addcmul(self.bias_bank[s], F.linear(x, self.weight), self.gamma_bank[s])
-        # Mixed batch: gather each sample's rows.
-        y = F.linear(x, self.weight)
-        if any(self.has_gamma[s] for s in route.unique_slots):
-            y = y * _broadcast_rows(self.gamma_bank[route.slots], y)
-        return y + _broadcast_rows(self.bias_bank[route.slots], y)
+            return self.method.forward_slot(self, x, route.slot)
+        return self.method.forward_mixed(self, x, route)
 
 
 class AdaptedConv2d(nn.Module):
@@ -113,10 +128,11 @@ class AdaptedConv2d(nn.Module):
     Shapes: x [B, C, H, W] -> y [B, D, H/p, W/p]; bias_bank [S, D].
     """
 
-    def __init__(self, base: nn.Conv2d, name: str, holder: RouteHolder, slots: int):
+    def __init__(self, base: nn.Conv2d, name: str, holder: RouteHolder, slots: int, method: AdapterMethod):
         super().__init__()
         self.name = name
         self.holder = holder
+        self.method = method
         self.weight = nn.Parameter(base.weight.detach(), requires_grad=False)
         self.stride, self.padding = base.stride, base.padding
         out = base.out_channels
@@ -126,14 +142,30 @@ class AdaptedConv2d(nn.Module):
         self.gamma_bank = None
         self.has_gamma = [False] * slots
 
+    def project(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """W * x (+ bias, fused): x [B, C, H, W] -> [B, D, H/p, W/p]."""
+        return F.conv2d(x, self.weight, bias, self.stride, self.padding)
+
+    @staticmethod
+    def rows(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Per-sample rows [B, D] -> [B, D, 1, 1] (channels first)."""
+        return rows[:, :, None, None]
+
+    @staticmethod
+    def channels(vector: torch.Tensor) -> torch.Tensor:
+        """A per-channel vector [D] -> [D, 1, 1] (channels first)."""
+        return vector[:, None, None]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         route = self.holder.current
-        conv = lambda b: F.conv2d(x, self.weight, b, self.stride, self.padding)  # noqa: E731
         if route.params is not None:
-            return conv(route.params[f"{self.name}.bias"])
+            return self.method.forward_live(self, x, route.params)
         if route.slot is not None:
-            return conv(self.bias_bank[route.slot])
-        return conv(None) + self.bias_bank[route.slots][:, :, None, None]
+            return self.method.forward_slot(self, x, route.slot)
+        return self.method.forward_mixed(self, x, route)
+
+
+AdaptedLayer = AdaptedLinear | AdaptedConv2d
 
 
 class ClassTableBank(nn.Module):

@@ -14,33 +14,15 @@ from pathlib import Path
 
 import torch
 
-from core.adapter.model import CLASS_TABLE, SHARED_EMB
+from core.adapter.difffit import CLASS_TABLE, DIFFFIT
+from core.adapter.method import AdapterMethod
 
 
-def _targets(name: str, num_layers: int) -> list[str]:
-    """diffusers module paths a canonical adapter layer name stands for."""
-    if name.startswith(SHARED_EMB + "."):
-        rest = name[len(SHARED_EMB) + 1 :]
-        return [f"transformer_blocks.{i}.norm1.emb.{rest}" for i in range(num_layers)]
-    return [name]
-
-
-@torch.no_grad()
-def merge_into(transformer: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
+def merge_into(
+    transformer: torch.nn.Module, tensors: dict[str, torch.Tensor], method: AdapterMethod = DIFFFIT
+) -> torch.nn.Module:
     """Fold adapter tensors into a plain diffusers DiT with a matching class count (in place)."""
-    num_layers = len(transformer.transformer_blocks)
-    layers = {k.rpartition(".")[0] for k in tensors if k != CLASS_TABLE}
-    for layer in sorted(layers):
-        bias, gamma = tensors[f"{layer}.bias"], tensors.get(f"{layer}.gamma")
-        for path in _targets(layer, num_layers):
-            module = transformer.get_submodule(path)
-            if gamma is not None:
-                module.weight.mul_(gamma.to(module.weight).view(-1, *([1] * (module.weight.dim() - 1))))
-            module.bias.copy_(bias)
-    table = tensors[CLASS_TABLE]
-    for block in transformer.transformer_blocks:
-        block.norm1.emb.class_embedder.embedding_table.weight.copy_(table)
-    return transformer
+    return method.merge(transformer, tensors)
 
 
 def export_merged(

@@ -9,8 +9,10 @@ Built once per worker around the resident base:
    layer with an S-slot bank of bias and, where placeable, gamma rows;
 3. the class table becomes an S-slot :class:`ClassTableBank`.
 
-Adapter tensors are a flat dict: ``"<layer>.bias"`` [out], ``"<layer>.gamma"``
-[out] (only where the placement puts one) and ``"class_table"`` [C + 1, D].
+What an adapter is (its tensors, their init, slot loading, the routed
+forward) belongs to the model's :class:`core.adapter.method.AdapterMethod`,
+DiffFit by default (:mod:`core.adapter.difffit`: ``"<layer>.bias"`` [out],
+``"<layer>.gamma"`` [out] where placed, ``"class_table"`` [C + 1, D]).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from core.adapter.difffit import CLASS_TABLE, DIFFFIT
 from core.adapter.layers import (
     AdaptedConv2d,
     AdaptedLinear,
@@ -26,12 +29,11 @@ from core.adapter.layers import (
     Route,
     RouteHolder,
 )
-from core.adapter.placement import gamma_layers, gamma_placeable
+from core.adapter.method import AdapterMethod
+from core.adapter.placement import SHARED_EMB, gamma_placeable
 from difffit.contract import Placement
-from difffit.errors import IncompatibleAdapter
 
-CLASS_TABLE = ClassTableBank.name
-SHARED_EMB = "transformer_blocks.0.norm1.emb"
+__all__ = ["CLASS_TABLE", "SHARED_EMB", "DiffFitDiT", "count_params", "tie_shared_embeddings"]
 
 
 def tie_shared_embeddings(transformer: nn.Module, check: bool = True) -> nn.Module:
@@ -63,8 +65,16 @@ class DiffFitDiT(nn.Module):
     null = that adapter's num_classes) -> [B, C_out, H, W].
     """
 
-    def __init__(self, transformer: nn.Module, slots: int = 2, max_classes: int = 0, check_ties: bool = True):
+    def __init__(
+        self,
+        transformer: nn.Module,
+        slots: int = 2,
+        max_classes: int = 0,
+        check_ties: bool = True,
+        method: AdapterMethod = DIFFFIT,
+    ):
         super().__init__()
+        self.method = method
         transformer.requires_grad_(False)
         transformer.eval()
         self.transformer = transformer
@@ -76,9 +86,9 @@ class DiffFitDiT(nn.Module):
         self.layers: dict[str, AdaptedLinear | AdaptedConv2d] = {}
         for name, module in list(transformer.named_modules()):
             if isinstance(module, nn.Linear) and module.bias is not None:
-                new = AdaptedLinear(module, name, self.holder, slots, gamma=gamma_placeable(name))
+                new = AdaptedLinear(module, name, self.holder, slots, gamma_placeable(name), method)
             elif isinstance(module, nn.Conv2d) and module.bias is not None:
-                new = AdaptedConv2d(module, name, self.holder, slots)
+                new = AdaptedConv2d(module, name, self.holder, slots, method)
             else:
                 continue
             parent, _, child = name.rpartition(".")
@@ -114,11 +124,7 @@ class DiffFitDiT(nn.Module):
 
     def adapter_shapes(self, placement: Placement, num_classes: int) -> dict[str, tuple[int, ...]]:
         """Name -> shape of every tensor of an adapter with this placement."""
-        shapes = {f"{n}.bias": (m.bias_bank.shape[1],) for n, m in self.layers.items()}
-        for n in gamma_layers(placement, self.num_layers):
-            shapes[f"{n}.gamma"] = (self.layers[n].bias_bank.shape[1],)
-        shapes[CLASS_TABLE] = (num_classes + 1, self.hidden_size)
-        return shapes
+        return self.method.tensor_spec(self, placement, num_classes)
 
     # -- forward -------------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, route: Route) -> torch.Tensor:
@@ -139,70 +145,19 @@ class DiffFitDiT(nn.Module):
     def init_adapter(
         self, placement: Placement, num_classes: int, generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
-        """Fresh trainable tensors: base biases, gamma = 1, a new class table.
-
-        New class rows start at the base's null row plus N(0, 0.02^2) noise
-        (DiT's init scale), so an untrained adapter samples like the base's
-        unconditional model and the classes can drift apart from there.
-        """
-        out = {f"{n}.bias": m.bias_bank[0].clone().float() for n, m in self.layers.items()}
-        for n in gamma_layers(placement, self.num_layers):
-            out[f"{n}.gamma"] = torch.ones_like(out[f"{n}.bias"])
-        null = self.class_table.bank[0, self.base_num_classes].float().cpu()
-        noise = torch.randn(num_classes, null.shape[0], generator=generator) * 0.02
-        table = torch.cat([null + noise, null[None]], dim=0)
-        out[CLASS_TABLE] = table.to(out[next(iter(out))].device)
-        return out
+        """Fresh trainable tensors of a new adapter (see the method's ``init``)."""
+        return self.method.init(self, placement, num_classes, generator)
 
     def check_compatible(self, tensors: dict[str, torch.Tensor]) -> None:
         """Raise IncompatibleAdapter unless every tensor fits a layer of this base."""
-        table = tensors.get(CLASS_TABLE)
-        if table is None or table.dim() != 2 or table.shape[1] != self.hidden_size:
-            got = None if table is None else tuple(table.shape)
-            raise IncompatibleAdapter(
-                f"class_table must have shape (num_classes + 1, {self.hidden_size}); got {got}"
-            )
-        if table.shape[0] > self.class_table.bank.shape[1]:
-            raise IncompatibleAdapter(
-                f"adapter has {table.shape[0] - 1} classes; this worker allows at most "
-                f"{self.class_table.bank.shape[1] - 1} (DIFFFIT_MAX_CLASSES)"
-            )
-        missing = [f"{n}.bias" for n in self.layers if f"{n}.bias" not in tensors]
-        if missing:
-            raise IncompatibleAdapter(f"adapter lacks {len(missing)} bias tensors, e.g. {missing[0]}")
-        for key, value in tensors.items():
-            if key == CLASS_TABLE:
-                continue
-            layer_name, _, kind = key.rpartition(".")
-            layer = self.layers.get(layer_name)
-            if layer is None or kind not in ("bias", "gamma"):
-                raise IncompatibleAdapter(f"adapter tensor {key!r} matches no layer of the base model")
-            if kind == "gamma" and not layer.gamma_placeable:
-                raise IncompatibleAdapter(f"gamma is not allowed on {layer_name}")
-            if tuple(value.shape) != (layer.bias_bank.shape[1],):
-                raise IncompatibleAdapter(
-                    f"{key} has shape {tuple(value.shape)}; the base expects ({layer.bias_bank.shape[1]},)"
-                )
+        self.method.check(self, tensors)
 
-    @torch.no_grad()
     def load_slot(self, slot: int, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy an adapter's vectors into `slot` (1..S-1). Shapes are checked first."""
+        """Copy an adapter's tensors into `slot` (1..S-1). Shapes are checked first."""
         if not 0 < slot < self.slots:
             raise ValueError(f"slot must be in 1..{self.slots - 1}; got {slot}")
-        self.check_compatible(tensors)
-        for name, layer in self.layers.items():
-            layer.bias_bank[slot].copy_(tensors[f"{name}.bias"])
-            gamma = tensors.get(f"{name}.gamma")
-            if layer.gamma_bank is not None:
-                if gamma is None:
-                    layer.gamma_bank[slot].fill_(1.0)
-                else:
-                    layer.gamma_bank[slot].copy_(gamma)
-            layer.has_gamma[slot] = gamma is not None
-        table = tensors[CLASS_TABLE]
-        self.class_table.bank[slot].zero_()
-        self.class_table.bank[slot, : table.shape[0]].copy_(table)
-        self.class_table.num_classes[slot] = table.shape[0] - 1
+        self.method.check(self, tensors)
+        self.method.load_slot(self, slot, tensors)
 
     def num_classes_of(self, slot: int) -> int:
         """Classes of the adapter in `slot`; its null label is this number."""
@@ -210,19 +165,5 @@ class DiffFitDiT(nn.Module):
 
 
 def count_params(tensors: dict[str, torch.Tensor | tuple[int, ...]]) -> dict[str, int]:
-    """Trainable-parameter breakdown of an adapter: biases, gammas, class table, total."""
-
-    def numel(v) -> int:
-        if isinstance(v, torch.Tensor):
-            return v.numel()
-        n = 1
-        for d in v:
-            n *= d
-        return n
-
-    groups = {"biases": 0, "gammas": 0, "class_table": 0}
-    for key, value in tensors.items():
-        group = "class_table" if key == CLASS_TABLE else ("gammas" if key.endswith(".gamma") else "biases")
-        groups[group] += numel(value)
-    groups["total"] = sum(groups.values())
-    return groups
+    """Trainable-parameter breakdown of a DiffFit adapter: biases, gammas, class table, total."""
+    return DIFFFIT.count_params(tensors)

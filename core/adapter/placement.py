@@ -13,9 +13,12 @@ from difffit.contract import BlockSpan, Placement
 QKV = ("attn1.to_q", "attn1.to_k", "attn1.to_v")
 # gamma on a residual branch (x + gate * gamma * f(x)) equals gamma on the
 # branch's last linear, because the adaLN gate is per channel and the bias
-# is trained too (DESIGN.md section 1).
+# is trained too (../shared/DESIGN.md section 1).
 BRANCH_OUTPUTS = ("attn1.to_out.0", "ff.net.2")
 FINAL = "proj_out_2"
+# The one shared timestep+class embedder after tying (core.adapter.model); plain
+# diffusers keeps a copy of it in every block.
+SHARED_EMB = "transformer_blocks.0.norm1.emb"
 
 
 def blocks_in(span: BlockSpan, num_layers: int) -> range:
@@ -45,3 +48,11 @@ def gamma_layers(placement: Placement, num_layers: int) -> list[str]:
     if placement.final_layer:
         names.append(FINAL)
     return names
+
+
+def diffusers_paths(name: str, num_layers: int) -> list[str]:
+    """Module paths in a plain diffusers DiT that the adapted layer `name` stands for."""
+    if name.startswith(SHARED_EMB + "."):
+        rest = name[len(SHARED_EMB) + 1 :]
+        return [f"transformer_blocks.{i}.norm1.emb.{rest}" for i in range(num_layers)]
+    return [name]

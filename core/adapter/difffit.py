@@ -1,0 +1,180 @@
+"""DiffFit and BitFit: the output affine ``y = gamma * (W x) + b`` on frozen layers.
+
+``../shared/DESIGN.md`` section 1. Every adapted layer (each biased linear
+and the patch-embedding conv) trains its bias ``b``; a gamma scales the
+outputs of the layers the placement selects (:mod:`core.adapter.placement`);
+BitFit is the placement with no gamma. The class table is replaced whole.
+
+Tensors: ``"<layer>.bias"`` [out], ``"<layer>.gamma"`` [out] where placed and
+``"class_table"`` [C + 1, D] (row C is the null class for guidance).
+
+The affine is written once per routing path, in :meth:`DiffFit.forward_slot`,
+:meth:`DiffFit.forward_mixed` and :meth:`DiffFit.forward_live`; the adapted
+layers supply only ``project`` (``W x``, optionally with a fused bias) and the
+broadcasting of per-channel vectors (``rows``, ``channels``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from core.adapter.method import AdapterMethod
+from core.adapter.placement import diffusers_paths, gamma_layers
+from difffit.contract import Placement
+from difffit.errors import IncompatibleAdapter
+
+if TYPE_CHECKING:
+    from core.adapter.layers import AdaptedLayer, Route
+    from core.adapter.model import DiffFitDiT
+
+CLASS_TABLE = "class_table"
+
+
+class DiffFit(AdapterMethod):
+    """The affine method; BitFit is DiffFit under ``Placement.bitfit()`` (gamma nowhere)."""
+
+    name = "difffit"
+
+    # -- tensors ---------------------------------------------------------------
+    def tensor_spec(self, model: DiffFitDiT, placement: Placement, num_classes: int) -> dict[str, tuple]:
+        shapes = {f"{n}.bias": (m.bias_bank.shape[1],) for n, m in model.layers.items()}
+        for n in gamma_layers(placement, model.num_layers):
+            shapes[f"{n}.gamma"] = (model.layers[n].bias_bank.shape[1],)
+        shapes[CLASS_TABLE] = (num_classes + 1, model.hidden_size)
+        return shapes
+
+    def init(
+        self,
+        model: DiffFitDiT,
+        placement: Placement,
+        num_classes: int,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Base biases, gamma = 1, a new class table.
+
+        New class rows start at the base's null row plus N(0, 0.02^2) noise
+        (DiT's init scale), so an untrained adapter samples like the base's
+        unconditional model and the classes can drift apart from there.
+        """
+        out = {f"{n}.bias": m.bias_bank[0].clone().float() for n, m in model.layers.items()}
+        for n in gamma_layers(placement, model.num_layers):
+            out[f"{n}.gamma"] = torch.ones_like(out[f"{n}.bias"])
+        null = model.class_table.bank[0, model.base_num_classes].float().cpu()
+        noise = torch.randn(num_classes, null.shape[0], generator=generator) * 0.02
+        table = torch.cat([null + noise, null[None]], dim=0)
+        out[CLASS_TABLE] = table.to(out[next(iter(out))].device)
+        return out
+
+    def check(self, model: DiffFitDiT, tensors: dict[str, torch.Tensor]) -> None:
+        table = tensors.get(CLASS_TABLE)
+        if table is None or table.dim() != 2 or table.shape[1] != model.hidden_size:
+            got = None if table is None else tuple(table.shape)
+            raise IncompatibleAdapter(
+                f"class_table must have shape (num_classes + 1, {model.hidden_size}); got {got}"
+            )
+        if table.shape[0] > model.class_table.bank.shape[1]:
+            raise IncompatibleAdapter(
+                f"adapter has {table.shape[0] - 1} classes; this worker allows at most "
+                f"{model.class_table.bank.shape[1] - 1} (DIFFFIT_MAX_CLASSES)"
+            )
+        missing = [f"{n}.bias" for n in model.layers if f"{n}.bias" not in tensors]
+        if missing:
+            raise IncompatibleAdapter(f"adapter lacks {len(missing)} bias tensors, e.g. {missing[0]}")
+        for key, value in tensors.items():
+            if key == CLASS_TABLE:
+                continue
+            layer_name, _, kind = key.rpartition(".")
+            layer = model.layers.get(layer_name)
+            if layer is None or kind not in ("bias", "gamma"):
+                raise IncompatibleAdapter(f"adapter tensor {key!r} matches no layer of the base model")
+            if kind == "gamma" and not layer.gamma_placeable:
+                raise IncompatibleAdapter(f"gamma is not allowed on {layer_name}")
+            if tuple(value.shape) != (layer.bias_bank.shape[1],):
+                raise IncompatibleAdapter(
+                    f"{key} has shape {tuple(value.shape)}; the base expects ({layer.bias_bank.shape[1]},)"
+                )
+
+    @torch.no_grad()
+    def load_slot(self, model: DiffFitDiT, slot: int, tensors: dict[str, torch.Tensor]) -> None:
+        for name, layer in model.layers.items():
+            layer.bias_bank[slot].copy_(tensors[f"{name}.bias"])
+            gamma = tensors.get(f"{name}.gamma")
+            if layer.gamma_bank is not None:
+                if gamma is None:
+                    layer.gamma_bank[slot].fill_(1.0)
+                else:
+                    layer.gamma_bank[slot].copy_(gamma)
+            layer.has_gamma[slot] = gamma is not None
+        table = tensors[CLASS_TABLE]
+        model.class_table.bank[slot].zero_()
+        model.class_table.bank[slot, : table.shape[0]].copy_(table)
+        model.class_table.num_classes[slot] = table.shape[0] - 1
+
+    # -- the affine, once per routing path ------------------------------------------
+    def forward_slot(self, layer: AdaptedLayer, x: torch.Tensor, slot: int) -> torch.Tensor:
+        # The cheap path: BitFit rows fuse the bias into the matmul; gamma rows are one addcmul.
+        if not layer.has_gamma[slot]:
+            return layer.project(x, layer.bias_bank[slot])
+        return torch.addcmul(layer.bias_bank[slot], layer.project(x), layer.gamma_bank[slot])
+
+    def forward_mixed(self, layer: AdaptedLayer, x: torch.Tensor, route: Route) -> torch.Tensor:
+        # Gather each sample's rows [B, out] and broadcast them over tokens (or pixels).
+        y = layer.project(x)
+        if any(layer.has_gamma[s] for s in route.unique_slots):
+            y = y * layer.rows(layer.gamma_bank[route.slots], y)
+        return y + layer.rows(layer.bias_bank[route.slots], y)
+
+    def forward_live(
+        self, layer: AdaptedLayer, x: torch.Tensor, params: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        # Unfused on purpose: autograd reaches gamma and b, the bank and W stay frozen.
+        y = layer.project(x)
+        gamma = params.get(f"{layer.name}.gamma")
+        if gamma is not None:
+            y = y * layer.channels(gamma)
+        return y + layer.channels(params[f"{layer.name}.bias"])
+
+    # -- export and counts ---------------------------------------------------------
+    @torch.no_grad()
+    def merge(self, transformer: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
+        """``gamma * (W x) + b`` is the layer with weight ``gamma[:, None] * W`` and bias ``b``.
+
+        Exact up to float rounding. Needs a transformer whose class count matches the adapter's.
+        """
+        num_layers = len(transformer.transformer_blocks)
+        layers = {k.rpartition(".")[0] for k in tensors if k != CLASS_TABLE}
+        for layer in sorted(layers):
+            bias, gamma = tensors[f"{layer}.bias"], tensors.get(f"{layer}.gamma")
+            for path in diffusers_paths(layer, num_layers):
+                module = transformer.get_submodule(path)
+                if gamma is not None:
+                    module.weight.mul_(gamma.to(module.weight).view(-1, *([1] * (module.weight.dim() - 1))))
+                module.bias.copy_(bias)
+        table = tensors[CLASS_TABLE]
+        for block in transformer.transformer_blocks:
+            block.norm1.emb.class_embedder.embedding_table.weight.copy_(table)
+        return transformer
+
+    def count_params(self, tensors: dict[str, torch.Tensor | tuple]) -> dict[str, int]:
+        """Biases, gammas, class table and total."""
+
+        def numel(v) -> int:
+            if isinstance(v, torch.Tensor):
+                return v.numel()
+            n = 1
+            for d in v:
+                n *= d
+            return n
+
+        groups = {"biases": 0, "gammas": 0, "class_table": 0}
+        for key, value in tensors.items():
+            kind = "gammas" if key.endswith(".gamma") else "biases"
+            groups["class_table" if key == CLASS_TABLE else kind] += numel(value)
+        groups["total"] = sum(groups.values())
+        return groups
+
+
+DIFFFIT = DiffFit()

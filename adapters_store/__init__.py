@@ -1,10 +1,11 @@
 """Registry (SQL) and blob store shared by the HTTP service and the workers.
 
 Torch-free on purpose: the service imports this package and must not need
-torch. Functions return frozen records, never ORM objects.
+torch. Functions return frozen records, never ORM objects. The adapter file
+format (``read_header``, ``read_header_file``) is :mod:`difffit.adapter_format`'s,
+re-exported here for the store's callers.
 """
 
-from adapters_store.adapter_file import read_header, read_header_file
 from adapters_store.blobs import BlobStore
 from adapters_store.records import (
     AdapterRecord,
@@ -14,6 +15,7 @@ from adapters_store.records import (
     VersionRecord,
 )
 from adapters_store.registry import Registry
+from difffit.adapter_format import read_header, read_header_file
 
 __all__ = [
     "AdapterRecord",

@@ -5,8 +5,9 @@ and the patch-embedding conv) trains its bias ``b``; a gamma scales the
 outputs of the layers the placement selects (:mod:`core.adapter.placement`);
 BitFit is the placement with no gamma. The class table is replaced whole.
 
-Tensors: ``"<layer>.bias"`` [out], ``"<layer>.gamma"`` [out] where placed and
-``"class_table"`` [C + 1, D] (row C is the null class for guidance).
+Tensors (named and checked by :mod:`difffit.adapter_format`): ``"<layer>.bias"``
+[out], ``"<layer>.gamma"`` [out] where placed and ``"class_table"`` [C + 1, D]
+(row C is the null class for guidance).
 
 The affine is written once per routing path, in :meth:`DiffFit.forward_slot`,
 :meth:`DiffFit.forward_mixed` and :meth:`DiffFit.forward_live`; the adapted
@@ -23,14 +24,13 @@ from torch import nn
 
 from core.adapter.method import AdapterMethod
 from core.adapter.placement import diffusers_paths, gamma_layers
+from difffit.adapter_format import CLASS_TABLE, check_shapes, tensor_name
 from difffit.contract import Placement
 from difffit.errors import IncompatibleAdapter
 
 if TYPE_CHECKING:
     from core.adapter.layers import AdaptedLayer, Route
     from core.adapter.model import DiffFitDiT
-
-CLASS_TABLE = "class_table"
 
 
 class DiffFit(AdapterMethod):
@@ -40,9 +40,9 @@ class DiffFit(AdapterMethod):
 
     # -- tensors ---------------------------------------------------------------
     def tensor_spec(self, model: DiffFitDiT, placement: Placement, num_classes: int) -> dict[str, tuple]:
-        shapes = {f"{n}.bias": (m.bias_bank.shape[1],) for n, m in model.layers.items()}
+        shapes = {tensor_name(n, "bias"): (m.bias_bank.shape[1],) for n, m in model.layers.items()}
         for n in gamma_layers(placement, model.num_layers):
-            shapes[f"{n}.gamma"] = (model.layers[n].bias_bank.shape[1],)
+            shapes[tensor_name(n, "gamma")] = (model.layers[n].bias_bank.shape[1],)
         shapes[CLASS_TABLE] = (num_classes + 1, model.hidden_size)
         return shapes
 
@@ -59,9 +59,9 @@ class DiffFit(AdapterMethod):
         (DiT's init scale), so an untrained adapter samples like the base's
         unconditional model and the classes can drift apart from there.
         """
-        out = {f"{n}.bias": m.bias_bank[0].clone().float() for n, m in model.layers.items()}
+        out = {tensor_name(n, "bias"): m.bias_bank[0].clone().float() for n, m in model.layers.items()}
         for n in gamma_layers(placement, model.num_layers):
-            out[f"{n}.gamma"] = torch.ones_like(out[f"{n}.bias"])
+            out[tensor_name(n, "gamma")] = torch.ones_like(out[tensor_name(n, "bias")])
         null = model.class_table.bank[0, model.base_num_classes].float().cpu()
         noise = torch.randn(num_classes, null.shape[0], generator=generator) * 0.02
         table = torch.cat([null + noise, null[None]], dim=0)
@@ -69,39 +69,28 @@ class DiffFit(AdapterMethod):
         return out
 
     def check(self, model: DiffFitDiT, tensors: dict[str, torch.Tensor]) -> None:
-        table = tensors.get(CLASS_TABLE)
-        if table is None or table.dim() != 2 or table.shape[1] != model.hidden_size:
-            got = None if table is None else tuple(table.shape)
+        # Every name the base allows (bias on each layer, gamma where placeable, a class
+        # table of any row count); the biases and the table are required.
+        spec: dict[str, tuple] = {CLASS_TABLE: (None, model.hidden_size)}
+        for n, layer in model.layers.items():
+            out = (layer.bias_bank.shape[1],)
+            spec[tensor_name(n, "bias")] = out
+            if layer.gamma_placeable:
+                spec[tensor_name(n, "gamma")] = out
+        required = {tensor_name(n, "bias") for n in model.layers} | {CLASS_TABLE}
+        check_shapes({k: tuple(v.shape) for k, v in tensors.items()}, spec, required)
+        rows = tensors[CLASS_TABLE].shape[0]
+        if rows > model.class_table.bank.shape[1]:
             raise IncompatibleAdapter(
-                f"class_table must have shape (num_classes + 1, {model.hidden_size}); got {got}"
-            )
-        if table.shape[0] > model.class_table.bank.shape[1]:
-            raise IncompatibleAdapter(
-                f"adapter has {table.shape[0] - 1} classes; this worker allows at most "
+                f"adapter has {rows - 1} classes; this worker allows at most "
                 f"{model.class_table.bank.shape[1] - 1} (DIFFFIT_MAX_CLASSES)"
             )
-        missing = [f"{n}.bias" for n in model.layers if f"{n}.bias" not in tensors]
-        if missing:
-            raise IncompatibleAdapter(f"adapter lacks {len(missing)} bias tensors, e.g. {missing[0]}")
-        for key, value in tensors.items():
-            if key == CLASS_TABLE:
-                continue
-            layer_name, _, kind = key.rpartition(".")
-            layer = model.layers.get(layer_name)
-            if layer is None or kind not in ("bias", "gamma"):
-                raise IncompatibleAdapter(f"adapter tensor {key!r} matches no layer of the base model")
-            if kind == "gamma" and not layer.gamma_placeable:
-                raise IncompatibleAdapter(f"gamma is not allowed on {layer_name}")
-            if tuple(value.shape) != (layer.bias_bank.shape[1],):
-                raise IncompatibleAdapter(
-                    f"{key} has shape {tuple(value.shape)}; the base expects ({layer.bias_bank.shape[1]},)"
-                )
 
     @torch.no_grad()
     def load_slot(self, model: DiffFitDiT, slot: int, tensors: dict[str, torch.Tensor]) -> None:
         for name, layer in model.layers.items():
-            layer.bias_bank[slot].copy_(tensors[f"{name}.bias"])
-            gamma = tensors.get(f"{name}.gamma")
+            layer.bias_bank[slot].copy_(tensors[tensor_name(name, "bias")])
+            gamma = tensors.get(tensor_name(name, "gamma"))
             if layer.gamma_bank is not None:
                 if gamma is None:
                     layer.gamma_bank[slot].fill_(1.0)
@@ -132,10 +121,10 @@ class DiffFit(AdapterMethod):
     ) -> torch.Tensor:
         # Unfused on purpose: autograd reaches gamma and b, the bank and W stay frozen.
         y = layer.project(x)
-        gamma = params.get(f"{layer.name}.gamma")
+        gamma = params.get(tensor_name(layer.name, "gamma"))
         if gamma is not None:
             y = y * layer.channels(gamma)
-        return y + layer.channels(params[f"{layer.name}.bias"])
+        return y + layer.channels(params[tensor_name(layer.name, "bias")])
 
     # -- export and counts ---------------------------------------------------------
     @torch.no_grad()
@@ -147,7 +136,7 @@ class DiffFit(AdapterMethod):
         num_layers = len(transformer.transformer_blocks)
         layers = {k.rpartition(".")[0] for k in tensors if k != CLASS_TABLE}
         for layer in sorted(layers):
-            bias, gamma = tensors[f"{layer}.bias"], tensors.get(f"{layer}.gamma")
+            bias, gamma = tensors[tensor_name(layer, "bias")], tensors.get(tensor_name(layer, "gamma"))
             for path in diffusers_paths(layer, num_layers):
                 module = transformer.get_submodule(path)
                 if gamma is not None:

@@ -15,6 +15,7 @@ from torch import nn
 
 from core.adapter.model import CLASS_TABLE, SHARED_EMB, DiffFitDiT
 from core.adapter.placement import gamma_layers
+from difffit.adapter_format import tensor_name
 from difffit.contract import Placement
 from difffit.errors import IncompatibleAdapter
 
@@ -34,7 +35,7 @@ def extract_adapter(
         tuned_rows = tuned_w.reshape(tuned_w.shape[0], -1)
         if name in gammas:
             gamma = (tuned_rows * rows).sum(1) / (rows * rows).sum(1).clamp_min(1e-30)
-            out[f"{name}.gamma"] = gamma
+            out[tensor_name(name, "gamma")] = gamma
             rows = rows * gamma[:, None]
         if not torch.allclose(rows, tuned_rows, atol=atol, rtol=1e-4):
             diff = (rows - tuned_rows).abs().max().item()
@@ -42,7 +43,7 @@ def extract_adapter(
                 f"{source}.weight differs from the base by more than a row scale allowed by the "
                 f"placement (max abs diff {diff:.3g}); this model is not an adapter of the base"
             )
-        out[f"{name}.bias"] = module.bias.detach().float().clone()
+        out[tensor_name(name, "bias")] = module.bias.detach().float().clone()
     table = tuned.transformer_blocks[0].norm1.emb.class_embedder.embedding_table.weight
     out[CLASS_TABLE] = table.detach().float().clone()
     return out

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from difffit.adapter_format import CLASS_TABLE
+
 if TYPE_CHECKING:
     from core.adapter.method import AdapterMethod
 
@@ -178,7 +180,7 @@ class ClassTableBank(nn.Module):
     (diffusers would drop independently in each of its per-block copies).
     """
 
-    name = "class_table"
+    name = CLASS_TABLE
 
     def __init__(self, base_table: torch.Tensor, holder: RouteHolder, slots: int, max_rows: int):
         super().__init__()

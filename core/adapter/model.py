@@ -31,6 +31,7 @@ from core.adapter.layers import (
 )
 from core.adapter.method import AdapterMethod
 from core.adapter.placement import SHARED_EMB, gamma_placeable
+from difffit.adapter_format import tensor_name
 from difffit.contract import Placement
 
 __all__ = ["CLASS_TABLE", "SHARED_EMB", "DiffFitDiT", "count_params", "tie_shared_embeddings"]
@@ -138,7 +139,7 @@ class DiffFitDiT(nn.Module):
     # -- adapters --------------------------------------------------------------
     def base_adapter(self) -> dict[str, torch.Tensor]:
         """The identity adapter: the base's biases and class table, no gamma."""
-        out = {f"{n}.bias": m.bias_bank[0].clone() for n, m in self.layers.items()}
+        out = {tensor_name(n, "bias"): m.bias_bank[0].clone() for n, m in self.layers.items()}
         out[CLASS_TABLE] = self.class_table.bank[0, : self.base_num_classes + 1].clone()
         return out
 

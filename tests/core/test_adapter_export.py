@@ -12,7 +12,7 @@ from core.adapter.merge import export_merged
 from core.adapter.model import DiffFitDiT
 from core.base_model import load_base
 from difffit.contract import Placement
-from difffit.errors import IncompatibleAdapter, InvalidRequest
+from difffit.errors import IncompatibleAdapter, InvalidRequest, TrainingFailed
 from tests.conftest import random_adapter
 
 
@@ -39,6 +39,18 @@ def test_file_round_trip_and_base_hash_check(tiny_base):
         load_adapter(data, base_hash="0" * 64)
     with pytest.raises(InvalidRequest):
         load_adapter(b"not a safetensors file at all")
+
+
+def test_save_refuses_what_would_not_load(tiny_base):
+    base = load_base(tiny_base)
+    model = DiffFitDiT(base.transformer, slots=2, max_classes=10)
+    tensors = random_adapter(model, Placement(), 4)
+    with pytest.raises(ValueError, match="class_table has shape"):
+        save_adapter(tensors, _meta(base, 5))  # 5 class names, a table of 4 + null
+    nan = torch.full_like(tensors["proj_out_2.gamma"], float("nan"))
+    diverged = dict(tensors, **{"proj_out_2.gamma": nan})
+    with pytest.raises(TrainingFailed, match="'proj_out_2.gamma' holds NaN"):
+        save_adapter(diverged, _meta(base, 4))
 
 
 def test_base_hash_changes_with_the_weights(tiny_base, tmp_path):

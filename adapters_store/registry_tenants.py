@@ -12,16 +12,17 @@ from sqlalchemy.orm import Session
 from adapters_store.db import Database
 from adapters_store.models import ApiKey, Tenant, utcnow
 from adapters_store.records import TenantRecord
+from difffit.contract import NAME_PATTERN
 from difffit.errors import Conflict, InvalidRequest, NotFound, TenantNotFound
 
-NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+NAME_RE = re.compile(NAME_PATTERN)
 KEY_PREFIX = "dfs_"
 DISPLAY_PREFIX_LEN = 8
 
 
 def validate_name(name: str, what: str) -> str:
     """Return `name` if it is a valid tenant/adapter name, else InvalidRequest."""
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise InvalidRequest(
             f"invalid {what} name {name!r}: use 1-64 lowercase letters, digits, '_' or '-', "
             "starting with a letter or digit"

@@ -22,6 +22,11 @@ FINETUNE_QUEUE = "finetune"
 WORKER_STATS_KEY = "difffit:worker:{}"
 WORKER_STATS_INTERVAL_S = 5.0
 
+#: Tenant and adapter names: 1-64 lowercase letters, digits, '_' or '-', starting with a
+#: letter or digit. The one definition: the registry, the routes and FinetuneRequest use it.
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+NAME_MAX_LENGTH = 64
+
 Method = Literal["difffit", "bitfit"]
 Objective = Literal["standard", "diff_tuning"]
 SchedulerName = Literal["ddim", "dpm++", "ddpm"]
@@ -59,8 +64,8 @@ class FinetuneRequest(BaseModel):
     adapter: str = Field(
         ...,
         min_length=1,
-        max_length=64,
-        pattern=r"^[a-z0-9][a-z0-9_-]*$",
+        max_length=NAME_MAX_LENGTH,
+        pattern=NAME_PATTERN,
         description="Adapter name in the tenant's namespace (lowercase, digits, _ and -).",
     )
     method: Method = "difffit"

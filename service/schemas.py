@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from difffit.contract import JobState
+from difffit.contract import NAME_MAX_LENGTH, NAME_PATTERN, JobState
 
 
 class _Out(BaseModel):
@@ -125,8 +125,7 @@ class Readiness(_Out):
 
 
 # --- admin --------------------------------------------------------------------
-#: Tenant and adapter names (the registry's rule; also the path-parameter pattern).
-NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+# Tenant and adapter names: difffit.contract.NAME_PATTERN (also the path-parameter pattern).
 
 
 class TenantCreate(BaseModel):
@@ -137,7 +136,7 @@ class TenantCreate(BaseModel):
     name: str = Field(
         ...,
         min_length=1,
-        max_length=64,
+        max_length=NAME_MAX_LENGTH,
         pattern=NAME_PATTERN,
         description="Tenant name: 1-64 lowercase letters, digits, `_` or `-`.",
     )

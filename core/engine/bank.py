@@ -3,7 +3,8 @@
 Slot 0 is the base. Slots are keyed by the adapter version's content hash,
 never by name, so a replaced or deleted adapter (a new hash, or none) can
 never be served from a stale slot. A slot in use by a running request is
-pinned and never evicted.
+pinned and never evicted; one forgotten while pinned is freed by its last
+release.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class SlotBank:
         self._lru: OrderedDict[str, int] = OrderedDict()
         self._pins = [0] * model.slots
         self._free = list(range(model.slots - 1, 0, -1))
+        self._forgotten: set[int] = set()  # pinned slots whose key was forgotten
         self.hits = self.misses = self.evictions = 0
         self.load_seconds: list[float] = []
 
@@ -58,14 +60,21 @@ class SlotBank:
         return slot
 
     def release(self, slot: int) -> None:
-        """Unpin a slot acquired earlier."""
+        """Unpin a slot acquired earlier; the last release of a forgotten slot frees it."""
         self._pins[slot] -= 1
+        if self._pins[slot] == 0 and slot in self._forgotten:
+            self._forgotten.discard(slot)
+            self._free.append(slot)
 
     def forget(self, key: str) -> None:
-        """Drop a hash from the bank (its slot becomes free once unpinned)."""
+        """Drop a hash from the bank: its slot is free now, or at its last release if pinned."""
         slot = self._lru.pop(key, None)
-        if slot is not None and self._pins[slot] == 0:
+        if slot is None:
+            return
+        if self._pins[slot] == 0:
             self._free.append(slot)
+        else:
+            self._forgotten.add(slot)
 
     def _take_slot(self) -> int | None:
         if self._free:

@@ -12,15 +12,16 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Response
 
+from difffit.contract import NAME_MAX_LENGTH, NAME_PATTERN
 from difffit.errors import NotFound
 from service.deps import BlobStoreDep, RegistryDep, TenantDep
 from service.errors import problem_responses
-from service.schemas import NAME_PATTERN, Adapter, AdapterList, AdapterSummary, AdapterVersion
+from service.schemas import Adapter, AdapterList, AdapterSummary, AdapterVersion
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
 
 AdapterName = Annotated[
-    str, Path(min_length=1, max_length=64, pattern=NAME_PATTERN, description="Adapter name.")
+    str, Path(min_length=1, max_length=NAME_MAX_LENGTH, pattern=NAME_PATTERN, description="Adapter name.")
 ]
 
 

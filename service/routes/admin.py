@@ -20,10 +20,11 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from adapters_store import TenantRecord
+from difffit.contract import NAME_MAX_LENGTH, NAME_PATTERN
 from difffit.errors import NotFound, Unauthorized
 from service.deps import RegistryDep, SettingsDep
 from service.errors import problem_responses
-from service.schemas import NAME_PATTERN, KeyCreated, TenantCreate, TenantCreated, TenantOut
+from service.schemas import KeyCreated, TenantCreate, TenantCreated, TenantOut
 
 DISPLAY_PREFIX_LEN = 8  # adapters_store.registry_tenants.DISPLAY_PREFIX_LEN
 
@@ -53,7 +54,7 @@ def require_admin(
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 
 TenantName = Annotated[
-    str, Path(min_length=1, max_length=64, pattern=NAME_PATTERN, description="Tenant name.")
+    str, Path(min_length=1, max_length=NAME_MAX_LENGTH, pattern=NAME_PATTERN, description="Tenant name.")
 ]
 
 

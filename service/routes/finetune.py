@@ -78,9 +78,7 @@ def create_finetune(
             f"steps: {body.steps} is above this server's limit of {settings.max_finetune_steps}."
         )
     check_dataset_url(body.dataset_url, settings)
-    queue.check_backlog(
-        FINETUNE_QUEUE, int(getattr(settings, "max_queued_finetune", 64)), FINETUNE_RETRY_AFTER_S
-    )
+    queue.check_backlog(FINETUNE_QUEUE, settings.max_queued_finetune, FINETUNE_RETRY_AFTER_S)
     job, created = registry.create_job(
         tenant.id,
         body.adapter,

@@ -26,6 +26,8 @@ from fastapi.responses import JSONResponse, Response
 
 from difffit.contract import (
     GENERATE_QUEUE,
+    NAME_MAX_LENGTH,
+    NAME_PATTERN,
     WORKER_STATS_INTERVAL_S,
     AdapterRef,
     GenerateTask,
@@ -36,12 +38,10 @@ from difffit.logging_setup import bind_log_context
 from difffit.settings import Settings
 from service.deps import QueueDep, RegistryDep, SettingsDep, TenantDep
 from service.errors import problem_responses
-from service.schemas import NAME_PATTERN, GenerateResponse, GenerateStatus
+from service.schemas import GenerateResponse, GenerateStatus
 
 router = APIRouter(tags=["generate"])
 
-#: Default of the `max_waiting_generate` setting: requests that may wait at once per process.
-MAX_WAITING = 256
 #: Retry-After (s) of the 429s: a queue full of generate tasks drains in seconds.
 GENERATE_RETRY_AFTER_S = 5
 #: Largest class index accepted for the base model while its class names are unknown.
@@ -51,7 +51,7 @@ _INT = re.compile(r"[+-]?[0-9]+")  # ASCII only: str.isdigit() accepts "²", whi
 
 
 def max_waiting(settings: Settings) -> int:
-    return int(getattr(settings, "max_waiting_generate", MAX_WAITING))
+    return settings.max_waiting_generate
 
 
 class _WaitLimiters:
@@ -196,7 +196,11 @@ async def generate(
     ],
     adapter: Annotated[
         str | None,
-        Query(max_length=64, pattern=NAME_PATTERN, description="Adapter name; omit for the base model."),
+        Query(
+            max_length=NAME_MAX_LENGTH,
+            pattern=NAME_PATTERN,
+            description="Adapter name; omit for the base model.",
+        ),
     ] = None,
     version: Annotated[
         int | None, Query(ge=1, le=2**31 - 1, description="Adapter version; default latest.")
@@ -236,7 +240,7 @@ async def generate(
         await run_in_threadpool(
             queue.check_backlog,
             GENERATE_QUEUE,
-            int(getattr(settings, "max_queued_generate", 256)),
+            settings.max_queued_generate,
             GENERATE_RETRY_AFTER_S,
         )
         handle = await run_in_threadpool(queue.enqueue_generate, task)

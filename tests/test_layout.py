@@ -42,6 +42,15 @@ def test_the_ground_floor_imports_nothing_above_it() -> None:
     assert not bad, f"difffit/ must not import {ABOVE_THE_GROUND_FLOOR}: {bad}"
 
 
+def test_bench_and_base_models_use_the_core_not_the_worker() -> None:
+    bad = {}
+    for folder in ("bench", "base_models"):
+        for path in _sources(folder):
+            if "worker" in _imports(ast.parse(path.read_text())):
+                bad.setdefault(folder, []).append(str(path.relative_to(REPO)))
+    assert not bad, f"import the torch core (core/), not the serving worker: {bad}"
+
+
 def _torch_classes(tree: ast.AST) -> list[str]:
     """Classes deriving from anything of torch (nn.Module, torch.nn.Linear, a name imported from torch)."""
     from_torch = set()

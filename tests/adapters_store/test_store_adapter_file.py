@@ -115,7 +115,8 @@ def test_metadata_checks() -> None:
 
 def test_package_import_stays_torch_free() -> None:
     code = (
-        "import sys, adapters_store, adapters_store.registry, adapters_store.blobs, "
+        "import sys, adapters_store, adapters_store.registry, adapters_store.blobstore.s3, "
+        "adapters_store.lifecycle, adapters_store.gc, "
         "adapters_store.adapter_file; "
         "bad = [m for m in ('torch', 'safetensors', 'numpy') if m in sys.modules]; "
         "assert not bad, bad"

@@ -77,7 +77,9 @@ def delete_adapter(registry: Registry, store: BlobStore, tenant_id: int, name: s
     return release(registry, store, registry.delete_adapter(tenant_id, name))
 
 
-def delete_version(registry: Registry, store: BlobStore, tenant_id: int, name: str, version: int) -> list[str]:
+def delete_version(
+    registry: Registry, store: BlobStore, tenant_id: int, name: str, version: int
+) -> list[str]:
     """Delete one version (the adapter with its last one) and free its blobs; return the freed sha256s."""
     return release(registry, store, registry.delete_version(tenant_id, name, version))
 

@@ -132,14 +132,19 @@ class Settings(BaseSettings):
         """The blob store URL, defaulting to the folder `resolved_blob_dir`."""
         return self.blob_url or self.resolved_blob_dir.as_uri()
 
+    @field_validator("blob_url", "s3_endpoint_url", "s3_public_endpoint_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # Compose passes `VAR=` through as an empty string: it means "not set"
+        # (e.g. an empty DIFFFIT_S3_ENDPOINT_URL selects AWS itself).
+        return None if value == "" else value
+
     @field_validator("blob_url")
     @classmethod
     def _blob_url_scheme(cls, value: str | None) -> str | None:
         # Checked here so a typo stops the process at start, naming the variable.
         if value is not None and not value.startswith(("file:///", "s3://")):
-            raise ValueError(
-                f"DIFFFIT_BLOB_URL={value!r}: use file:///absolute/path or s3://bucket/prefix"
-            )
+            raise ValueError(f"DIFFFIT_BLOB_URL={value!r}: use file:///absolute/path or s3://bucket/prefix")
         return value
 
 

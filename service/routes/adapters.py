@@ -53,9 +53,7 @@ def version_out(v: Any) -> AdapterVersion:
         job_id=v.job_id,
         created_at=v.created_at,
         files=files,
-        file_urls={
-            f: f"/adapters/{v.name}/versions/{v.version}/files/{f}" for f in [ADAPTER_FILE, *files]
-        },
+        file_urls={f: f"/adapters/{v.name}/versions/{v.version}/files/{f}" for f in [ADAPTER_FILE, *files]},
         metadata=dict(v.metadata or {}),
     )
 
@@ -111,7 +109,9 @@ def get_adapter(name: AdapterName, tenant: TenantDep, registry: RegistryDep) -> 
     "removed from the blob store. A new adapter of the same name starts again at version 1.",
     responses=problem_responses(401, 404, 422),
 )
-def delete_adapter(name: AdapterName, tenant: TenantDep, registry: RegistryDep, blobs: BlobStoreDep) -> Response:
+def delete_adapter(
+    name: AdapterName, tenant: TenantDep, registry: RegistryDep, blobs: BlobStoreDep
+) -> Response:
     lifecycle.delete_adapter(registry, blobs, tenant.id, name)
     return Response(status_code=204)
 

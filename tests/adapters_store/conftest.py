@@ -81,7 +81,6 @@ def vkw() -> Any:
     return _version_kwargs
 
 
-
 @pytest.fixture(params=["file", "s3"])
 def blob_store(request: pytest.FixtureRequest, tmp_path: Any) -> Any:
     """An empty blob store: a folder in tmp_path, and a fresh bucket on the test S3 server."""

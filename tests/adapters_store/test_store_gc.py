@@ -57,7 +57,8 @@ def test_orphans_go_after_the_grace_period_and_references_stay(
     assert almost.deleted == 0 and blob_store.exists(orphan)
 
     late = _gc(registry, blob_store, now + timedelta(seconds=GRACE + 1))
-    assert (late.deleted, late.deleted_bytes, late.referenced) == (1, len(b"uploaded, then the writer died"), 3)
+    size = len(b"uploaded, then the writer died")
+    assert (late.deleted, late.deleted_bytes, late.referenced) == (1, size, 3)
     assert not blob_store.exists(orphan)
     # Referenced blobs are never collected, however old.
     years = _gc(registry, blob_store, now + timedelta(days=3650))

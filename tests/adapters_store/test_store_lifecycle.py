@@ -80,7 +80,9 @@ def test_delete_adapter_keeps_blobs_other_tenants_share(
     assert set(everything_in(blob_store)) == _names(blob_store, mine.sha256)
 
 
-def test_tenant_purge_leaves_nothing_of_the_tenant(registry: Registry, blob_store: BlobStore, vkw: Any) -> None:
+def test_tenant_purge_leaves_nothing_of_the_tenant(
+    registry: Registry, blob_store: BlobStore, vkw: Any
+) -> None:
     acme = registry.create_tenant("acme")
     registry.create_api_key("acme")
     registry.create_api_key("acme")
@@ -93,7 +95,8 @@ def test_tenant_purge_leaves_nothing_of_the_tenant(registry: Registry, blob_stor
         _version(registry, blob_store, acme.id, "moss", vkw),
     ]
     running, _ = registry.create_job(acme.id, "lichen", {"steps": 9}, 9)
-    registry.update_job(running.id, state="running", checkpoint_sha256=_put(blob_store, "ckpt"), checkpoint_step=3)
+    ckpt = _put(blob_store, "ckpt")
+    registry.update_job(running.id, state="running", checkpoint_sha256=ckpt, checkpoint_step=3)
     registry.add_job_event(running.id, "checkpoint", {"step": 3})
     failed, _ = registry.create_job(acme.id, "lichen", {"steps": 8}, 8)
     registry.update_job(failed.id, checkpoint_sha256=_put(blob_store, "ckpt2"), checkpoint_step=4)

@@ -115,7 +115,7 @@ class S3BlobStore(BlobStore):
         sha = hashlib.sha256(data).hexdigest()
         # Always upload, even when the object exists: a PUT replaces it
         # atomically, repairs a damaged copy and refreshes LastModified (gc).
-        self._upload(io.BytesIO(data), sha)
+        self._upload(io.BytesIO(data), sha, len(data))
         return sha
 
     def put_file(self, path: Path) -> str:
@@ -130,15 +130,20 @@ class S3BlobStore(BlobStore):
                 while chunk := fh.read(CHUNK):
                     digest.update(chunk)
                     spool.write(chunk)
+            size = spool.tell()
             spool.seek(0)
             sha = digest.hexdigest()
-            self._upload(spool, sha)
+            self._upload(spool, sha, size)
         return sha
 
-    def _upload(self, body: IO[bytes], sha: str) -> None:
+    def _upload(self, body: IO[bytes], sha: str, size: int) -> None:
         key = self.key_for(sha)
         with self._errors(f"upload of blob {sha}"):
-            self._client.upload_fileobj(body, self.bucket, key, Config=self._transfer)
+            if size < self._transfer.multipart_threshold:
+                # One PUT: no transfer-manager threads for the common, small case.
+                self._client.put_object(Bucket=self.bucket, Key=key, Body=body)
+            else:
+                self._client.upload_fileobj(body, self.bucket, key, Config=self._transfer)
 
     def delete(self, sha256: str) -> None:
         key = self.key_for(sha256)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from difffit.embedded import free_port, stop_process  # noqa: E402
+from launch.embedded import free_port, stop_process  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BUCKET = "bench-blobs"

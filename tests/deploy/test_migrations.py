@@ -270,25 +270,28 @@ def test_0002_backfills_last_version_so_numbers_continue(database_url: str) -> N
 
     command.upgrade(alembic_config(database_url), INITIAL_REVISION)
     engine = _engine(database_url)
+    at = {"t": "2026-01-01 00:00:00"}
     with engine.begin() as conn:
-        conn.execute(text("INSERT INTO tenants (id, name, created_at, disabled) VALUES (1, 'acme', :t, false)"),
-                     {"t": "2026-01-01 00:00:00"})  # fmt: skip
-        conn.execute(text("INSERT INTO adapters (id, tenant_id, name, created_at) VALUES (7, 1, 'fungi', :t)"),
-                     {"t": "2026-01-01 00:00:00"})  # fmt: skip
+        conn.execute(
+            text("INSERT INTO tenants (id, name, created_at, disabled) VALUES (1, 'a', :t, false)"), at
+        )
+        conn.execute(
+            text("INSERT INTO adapters (id, tenant_id, name, created_at) VALUES (7, 1, 'fungi', :t)"), at
+        )
         for v in (1, 2, 3):
             conn.execute(
                 text(
                     "INSERT INTO adapter_versions (adapter_id, version, sha256, size_bytes, method, "
-                    "base_model_hash, class_names, resolution, trainable_params, metadata, files, created_at) "
-                    "VALUES (7, :v, :sha, 1, 'difffit', 'b', '[\"a\"]', 32, 1, '{}', '{}', :t)"
+                    "base_model_hash, class_names, resolution, trainable_params, metadata, files, "
+                    "created_at) VALUES (7, :v, :sha, 1, 'difffit', 'b', '[\"a\"]', 32, 1, '{}', '{}', :t)"
                 ),
-                {"v": v, "sha": f"{v:064x}", "t": "2026-01-01 00:00:00"},
+                {"v": v, "sha": f"{v:064x}", **at},
             )
     engine.dispose()
     reg = Registry(database_url)
     try:
         assert reg.create_schema() == head_revision()
-        tenant_id = reg.get_tenant("acme").id
+        tenant_id = reg.get_tenant("a").id
         reg.delete_version(tenant_id, "fungi", 3)
         new = reg.add_version(
             tenant_id, "fungi", sha256="e" * 64, size_bytes=1, method="difffit", base_model_hash="b",

@@ -31,9 +31,9 @@ from sqlalchemy import text
 from adapters_store import Registry
 from base_models.tiny import make_tiny_base
 from difffit import contract
-from difffit.demo import serve_folder
-from difffit.embedded import api_command, child_env, free_port, start_redis, stop_process, worker_command
 from difffit.settings import Settings
+from launch.demo import serve_folder
+from launch.embedded import api_command, child_env, free_port, start_redis, stop_process, worker_command
 from tests.pg import pg_reachable, throwaway_database
 from tests.s3 import bucket_keys, new_bucket
 
@@ -61,7 +61,7 @@ class Hosts:
 
     def cli(self, host: str, *args: str) -> str:
         out = subprocess.run(
-            [sys.executable, "-m", "difffit.cli", *args],
+            [sys.executable, "-m", "launch.cli", *args],
             env=self.env[host], capture_output=True, text=True, timeout=120, check=True, cwd=REPO,
         )  # fmt: skip
         return out.stdout.strip()

@@ -6,7 +6,7 @@
 FROM python:3.11-slim AS common
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin difffit \
- && mkdir -p /data && chown difffit:difffit /data
+ && mkdir -p /data/hf && chown -R difffit:difffit /data
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY difffit ./difffit

@@ -6,7 +6,7 @@ format (``read_header``, ``read_header_file``) is :mod:`difffit.adapter_format`'
 re-exported here for the store's callers.
 """
 
-from adapters_store.blobs import BlobStore
+from adapters_store.blobstore import BlobStore, FileBlobStore, blob_store_from_settings, open_blob_store
 from adapters_store.records import (
     AdapterRecord,
     JobEvent,
@@ -20,11 +20,14 @@ from difffit.adapter_format import read_header, read_header_file
 __all__ = [
     "AdapterRecord",
     "BlobStore",
+    "FileBlobStore",
     "JobEvent",
     "JobRecord",
     "Registry",
     "TenantRecord",
     "VersionRecord",
+    "blob_store_from_settings",
+    "open_blob_store",
     "read_header",
     "read_header_file",
 ]

@@ -98,6 +98,9 @@ class Adapter(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, nullable=False)
     # Reserved for a later soft delete; rows are hard-deleted today.
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # The highest version number ever given: deleting the newest version must
+    # not hand its number to different content later (clients cache by it).
+    last_version: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
 
     versions: Mapped[list[AdapterVersion]] = relationship(
         back_populates="adapter",
@@ -138,6 +141,8 @@ class Job(Base):
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
         Index("ix_jobs_tenant_created", "tenant_id", "created_at"),
         Index("ix_jobs_state", "state"),
+        # Blob deletes ask "does any job still hold this checkpoint?".
+        Index("ix_jobs_checkpoint_sha256", "checkpoint_sha256"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)

@@ -1,6 +1,7 @@
 """The registry: one object over the SQL database that service and worker share.
 
-The methods live in one module per concern (tenants, adapters, jobs) and
+The methods live in one module per concern (tenants, adapters, jobs, blob
+references) and
 are combined here. Every method opens its own short transaction and returns
 frozen records, so a `Registry` is safe to share between threads.
 """
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from adapters_store.db import Database, schema_revision, upgrade_engine, upgrade_schema
 from adapters_store.registry_adapters import AdapterOps
+from adapters_store.registry_blobs import BlobRefOps
 from adapters_store.registry_jobs import JobOps
 from adapters_store.registry_tenants import TenantOps
 
@@ -21,7 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["Registry", "upgrade_schema"]
 
 
-class Registry(TenantOps, AdapterOps, JobOps):
+class Registry(TenantOps, AdapterOps, JobOps, BlobRefOps):
     """Tenants, API keys, adapters with immutable versions, and jobs.
 
     Works on SQLite (the embedded default: foreign keys on, WAL journal)

@@ -6,12 +6,13 @@ import json
 import re
 from typing import Any
 
-from sqlalchemy import String, cast, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
 from adapters_store.db import Database
-from adapters_store.models import Adapter, AdapterVersion, Job, Tenant, utcnow
+from adapters_store.models import Adapter, AdapterVersion, Tenant, utcnow
 from adapters_store.records import AdapterRecord, VersionRecord
+from adapters_store.registry_blobs import lock_blob_refs, version_blobs
 from adapters_store.registry_tenants import validate_name
 from difffit.errors import AdapterNotFound, InvalidRequest, TenantNotFound
 
@@ -135,7 +136,8 @@ class AdapterOps:
     ) -> VersionRecord:
         """Register a new immutable version, creating the adapter if needed.
 
-        The version is the previous highest plus one. Concurrent callers get
+        The version is one above the highest ever given to this adapter
+        (deleted versions' numbers are not reused). Concurrent callers get
         distinct consecutive numbers: the adapter row is locked where the
         backend can (PostgreSQL), and a lost race on the unique
         (adapter, version) pair is retried by `Database.write`.
@@ -162,21 +164,24 @@ class AdapterOps:
         metadata = dict(metadata)
 
         def fn(s: Session) -> VersionRecord:
+            lock_blob_refs(s, exclusive=False)  # this commits references to blobs
             if s.get(Tenant, tenant_id) is None:
                 raise TenantNotFound(f"tenant id {tenant_id} not found")
             adapter = s.scalar(
                 select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == name).with_for_update()
             )
             if adapter is None:
-                adapter = Adapter(tenant_id=tenant_id, name=name, created_at=utcnow())
+                adapter = Adapter(tenant_id=tenant_id, name=name, created_at=utcnow(), last_version=0)
                 s.add(adapter)
                 s.flush()
             current = s.scalar(
                 select(func.max(AdapterVersion.version)).where(AdapterVersion.adapter_id == adapter.id)
             )
+            number = max(current or 0, adapter.last_version or 0) + 1
+            adapter.last_version = number
             row = AdapterVersion(
                 adapter_id=adapter.id,
-                version=(current or 0) + 1,
+                version=number,
                 sha256=sha256,
                 size_bytes=size_bytes,
                 method=method,
@@ -199,37 +204,43 @@ class AdapterOps:
         """Delete an adapter and all its versions; return the sha256s they referenced.
 
         Blobs are content-addressed and may be shared with other versions or
-        tenants, so they are left alone: use `blob_in_use` before deleting one.
-        A later `add_version` with the same name starts again at version 1.
+        tenants, so they are left alone here: `adapters_store.lifecycle`
+        frees those nothing else references (`release_blobs`). A later
+        `add_version` with the same name starts again at version 1.
         """
 
         def fn(s: Session) -> list[str]:
             adapter = _get_adapter_row(s, tenant_id, name)
             shas: dict[str, None] = {}
             for v in sorted(adapter.versions, key=lambda v: v.version):
-                shas[v.sha256] = None
-                for fsha in v.files.values():
-                    shas[fsha] = None
+                shas.update(dict.fromkeys(version_blobs(v)))
             s.delete(adapter)
             s.flush()
             return list(shas)
 
         return self._db.write(fn)
 
-    def blob_in_use(self, sha256: str) -> bool:
-        """Whether any version (blob or attached file) or job checkpoint references `sha256`."""
-        _check_sha(sha256, "sha256")
+    def delete_version(self, tenant_id: int, name: str, version: int) -> list[str]:
+        """Delete one version; return the sha256s it referenced (see `delete_adapter`).
 
-        def fn(s: Session) -> bool:
-            as_blob = select(AdapterVersion.id).where(AdapterVersion.sha256 == sha256)
-            if s.scalar(as_blob.limit(1)) is not None:
-                return True
-            # A substring test on the JSON text is portable across backends and
-            # exact enough: a 64-hex digest cannot occur by accident.
-            in_files = select(AdapterVersion.id).where(cast(AdapterVersion.files, String).contains(sha256))
-            if s.scalar(in_files.limit(1)) is not None:
-                return True
-            in_jobs = select(Job.id).where(Job.checkpoint_sha256 == sha256).limit(1)
-            return s.scalar(in_jobs) is not None
+        Deleting the only version deletes the adapter. Otherwise the numbers
+        of the remaining versions stay, and the next `add_version` still
+        gets a number above every one ever given, so a version number never
+        names two different adapters.
+        """
 
-        return self._db.read(fn)
+        def fn(s: Session) -> list[str]:
+            adapter = _get_adapter_row(s, tenant_id, name)
+            row = next((v for v in adapter.versions if v.version == version), None)
+            if row is None:
+                numbers = ", ".join(str(v.version) for v in sorted(adapter.versions, key=lambda v: v.version))
+                raise AdapterNotFound(f"adapter {name!r} has no version {version} (it has {numbers})")
+            shas = list(dict.fromkeys(version_blobs(row)))
+            if len(adapter.versions) == 1:
+                s.delete(adapter)
+            else:
+                s.delete(row)
+            s.flush()
+            return shas
+
+        return self._db.write(fn)

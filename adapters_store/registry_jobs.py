@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from adapters_store.db import Database
 from adapters_store.models import Job, JobEventRow, Tenant, utcnow
 from adapters_store.records import JobEvent, JobRecord
+from adapters_store.registry_blobs import lock_blob_refs
 from adapters_store.registry_tenants import validate_name
 from difffit.contract import TERMINAL_JOB_STATES, JobState
 from difffit.errors import Conflict, InvalidRequest, JobNotFound, TenantNotFound
@@ -191,7 +192,11 @@ class JobOps:
         if "state" in fields:
             _check_state(fields["state"])
 
+        adds_reference = fields.get("checkpoint_sha256") is not None
+
         def fn(s: Session) -> JobRecord:
+            if adds_reference:
+                lock_blob_refs(s, exclusive=False)  # see adapters_store.registry_blobs
             row = _job_row(s, job_id, lock=True)
             if row.state in TERMINAL_JOB_STATES:
                 return job_record(row)
@@ -206,6 +211,37 @@ class JobOps:
             row.updated_at = now
             s.flush()
             return job_record(row)
+
+        return self._db.write(fn)
+
+    def expire_checkpoints(self, failed_before: datetime) -> list[str]:
+        """Drop the checkpoint references of ended jobs; return the sha256s dropped.
+
+        Succeeded and cancelled jobs lose theirs at once (the worker already
+        does this as the job ends; this catches a worker that died in
+        between, and registries from before checkpoints were freed). A failed
+        job keeps its last checkpoint until `failed_before` passes its
+        finished_at (DIFFFIT_CHECKPOINT_RETENTION_S). The only change ever
+        made to a job in a terminal state.
+        """
+
+        def fn(s: Session) -> list[str]:
+            failed_expired = (Job.state == "failed") & (
+                Job.finished_at.is_(None) | (Job.finished_at < failed_before)
+            )
+            rows = s.scalars(
+                select(Job)
+                .where(Job.checkpoint_sha256.is_not(None))
+                .where(Job.state.in_(["succeeded", "cancelled"]) | failed_expired)
+                .with_for_update()
+            ).all()
+            shas = []
+            for row in rows:
+                shas.append(row.checkpoint_sha256)
+                row.checkpoint_sha256 = None
+                row.checkpoint_step = None
+            s.flush()
+            return list(dict.fromkeys(shas))
 
         return self._db.write(fn)
 

@@ -6,12 +6,13 @@ import hashlib
 import re
 import secrets
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from adapters_store.db import Database
-from adapters_store.models import ApiKey, Tenant, utcnow
+from adapters_store.models import Adapter, AdapterVersion, ApiKey, Job, JobEventRow, Tenant, utcnow
 from adapters_store.records import TenantRecord
+from adapters_store.registry_blobs import version_blobs
 from difffit.contract import NAME_PATTERN
 from difffit.errors import Conflict, InvalidRequest, NotFound, TenantNotFound
 
@@ -77,6 +78,37 @@ class TenantOps:
             row.disabled = disabled
             s.flush()
             return _tenant_record(row)
+
+        return self._db.write(fn)
+
+    def purge_tenant(self, name: str) -> list[str]:
+        """Delete a tenant with its keys, adapters, versions, jobs and job events.
+
+        Returns the sha256s those rows referenced, for the caller to free
+        (`adapters_store.lifecycle.purge_tenant`). Rows are deleted
+        explicitly, children first, rather than left to ON DELETE CASCADE, so
+        the purge does not depend on SQLite's foreign-key pragma. TenantNotFound
+        for an unknown name.
+        """
+
+        def fn(s: Session) -> list[str]:
+            tenant = _tenant_by_name(s, name)
+            adapter_ids = select(Adapter.id).where(Adapter.tenant_id == tenant.id)
+            job_ids = select(Job.id).where(Job.tenant_id == tenant.id)
+            shas: dict[str, None] = {}
+            for row in s.scalars(select(AdapterVersion).where(AdapterVersion.adapter_id.in_(adapter_ids))):
+                shas.update(dict.fromkeys(version_blobs(row)))
+            checkpoints = select(Job.checkpoint_sha256).where(
+                Job.tenant_id == tenant.id, Job.checkpoint_sha256.is_not(None)
+            )
+            shas.update(dict.fromkeys(s.scalars(checkpoints)))
+            s.execute(delete(JobEventRow).where(JobEventRow.job_id.in_(job_ids)))
+            s.execute(delete(Job).where(Job.tenant_id == tenant.id))
+            s.execute(delete(AdapterVersion).where(AdapterVersion.adapter_id.in_(adapter_ids)))
+            s.execute(delete(Adapter).where(Adapter.tenant_id == tenant.id))
+            s.execute(delete(ApiKey).where(ApiKey.tenant_id == tenant.id))
+            s.execute(delete(Tenant).where(Tenant.id == tenant.id))
+            return list(shas)
 
         return self._db.write(fn)
 

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adapters_store import BlobStore  # noqa: E402
+from adapters_store import FileBlobStore  # noqa: E402
 from core.adapter.file import adapter_metadata, load_adapter, save_adapter  # noqa: E402
 from core.adapter.layers import Route  # noqa: E402
 from core.adapter.model import DiffFitDiT  # noqa: E402
@@ -100,7 +100,7 @@ def interleaved(fns: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
 
 
 @torch.no_grad()
-def bench_switch(model: DiffFitDiT, store: BlobStore, shas: list[str], repeats: int) -> dict:
+def bench_switch(model: DiffFitDiT, store: FileBlobStore, shas: list[str], repeats: int) -> dict:
     """Resident: acquire a slot already holding the hash. Cold: blob read + sha check + parse + copy."""
     bank = SlotBank(model)
     resident_key = shas[0]
@@ -208,7 +208,7 @@ def bench_peft(latent: int, batch: int, repeats: int, store_dir: Path) -> dict:
     }
 
 
-def bench_requests(latent: int, store: BlobStore, shas: list[str], n_requests: int, steps: int) -> dict:
+def bench_requests(latent: int, store: FileBlobStore, shas: list[str], n_requests: int, steps: int) -> dict:
     """64 requests over 16 adapters: the engine (continuous batching) vs one at a time with swaps."""
     adapters = {sha: load_adapter(store.get_bytes(sha))[0] for sha in shas}
     keys = list(adapters)
@@ -268,7 +268,7 @@ def main() -> int:
     plain = dit_s(args.latent)
     model = DiffFitDiT(dit_s(args.latent), slots=17, max_classes=NUM_CLASSES)
     with tempfile.TemporaryDirectory() as tmp:
-        store = BlobStore(Path(tmp) / "blobs")
+        store = FileBlobStore(Path(tmp) / "blobs")
         shas = []
         for i in range(16):
             tensors = adapter(model, seed=i)

@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +30,25 @@ class Settings(BaseSettings):
         None, description="SQLAlchemy URL of the registry; default sqlite in data_dir."
     )
     blob_dir: Path | None = Field(None, description="Blob store folder; default data_dir/blobs.")
+    blob_url: str | None = Field(
+        None, description="Blob store: file:///path or s3://bucket/prefix; default file:// of blob_dir."
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="S3 endpoint for non-AWS services (MinIO, Ceph, R2); unset = AWS."
+    )
+    s3_public_endpoint_url: str | None = Field(
+        None, description="Endpoint named in presigned download URLs; default s3_endpoint_url."
+    )
+    download_redirect: bool = Field(
+        False, description="File downloads answer 307 to a presigned URL (S3 stores) instead of streaming."
+    )
+    download_url_ttl_s: int = Field(300, ge=1, le=7 * 86400, description="Lifetime of a presigned URL.")
+    checkpoint_retention_s: int = Field(
+        7 * 86400, ge=0, description="How long a failed job keeps its last checkpoint (difffit gc)."
+    )
+    gc_grace_s: int = Field(
+        86400, ge=0, description="difffit gc spares unreferenced blobs younger than this (uploads in flight)."
+    )
 
     # --- broker ------------------------------------------------------------
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker and result backend.")
@@ -107,6 +126,26 @@ class Settings(BaseSettings):
     def resolved_blob_dir(self) -> Path:
         """The blob folder, defaulting to `data_dir/blobs`."""
         return (self.blob_dir or self.data_dir / "blobs").resolve()
+
+    @property
+    def resolved_blob_url(self) -> str:
+        """The blob store URL, defaulting to the folder `resolved_blob_dir`."""
+        return self.blob_url or self.resolved_blob_dir.as_uri()
+
+    @field_validator("blob_url", "s3_endpoint_url", "s3_public_endpoint_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # Compose passes `VAR=` through as an empty string: it means "not set"
+        # (e.g. an empty DIFFFIT_S3_ENDPOINT_URL selects AWS itself).
+        return None if value == "" else value
+
+    @field_validator("blob_url")
+    @classmethod
+    def _blob_url_scheme(cls, value: str | None) -> str | None:
+        # Checked here so a typo stops the process at start, naming the variable.
+        if value is not None and not value.startswith(("file:///", "s3://")):
+            raise ValueError(f"DIFFFIT_BLOB_URL={value!r}: use file:///absolute/path or s3://bucket/prefix")
+        return value
 
 
 @lru_cache(maxsize=1)

@@ -7,6 +7,8 @@
     difffit db upgrade                  create / upgrade the registry schema
     difffit serve                       redis + worker + API, embedded
     difffit export TENANT ADAPTER --out DIR [--version N]
+    difffit gc [--dry-run] [--grace-s S] [--every S]
+                                        remove blobs nothing references (adapters_store.gc)
 
 Torch is imported only by the subcommands that need it (params, export).
 """
@@ -71,7 +73,7 @@ def _serve(_: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from adapters_store import BlobStore
+    from adapters_store import blob_store_from_settings
     from core.adapter.file import load_adapter
     from core.adapter.merge import export_merged
 
@@ -79,10 +81,42 @@ def _export(args: argparse.Namespace) -> int:
     registry = _registry()
     tenant = registry.get_tenant(args.tenant)
     version = registry.get_version(tenant.id, args.adapter, args.version)
-    tensors, meta = load_adapter(BlobStore(settings.resolved_blob_dir).get_bytes(version.sha256))
+    tensors, meta = load_adapter(blob_store_from_settings(settings).get_bytes(version.sha256))
     out = export_merged(settings.base_model, tensors, meta, args.out)
     print(out)
     return 0
+
+
+def _gc(args: argparse.Namespace) -> int:
+    # Thin: the pass itself is adapters_store.gc.collect_garbage.
+    import time
+
+    from adapters_store import blob_store_from_settings
+    from adapters_store.gc import collect_garbage
+
+    settings = get_settings()
+    registry, store = _registry(), blob_store_from_settings(settings)
+    grace_s = settings.gc_grace_s if args.grace_s is None else args.grace_s
+    if grace_s < 0 or (args.every is not None and args.every <= 0):
+        raise ValueError("--grace-s must be >= 0 and --every > 0 (seconds)")
+    while True:
+        try:
+            report = collect_garbage(
+                registry,
+                store,
+                grace_s=grace_s,
+                checkpoint_retention_s=settings.checkpoint_retention_s,
+                dry_run=args.dry_run,
+            )
+            print(json.dumps(report.as_dict()), flush=True)
+        except DiffFitError as exc:
+            if not args.every:
+                raise
+            # A sidecar outlives an unreachable store or database: try again next round.
+            print(f"error ({exc.code}): {exc.message}", file=sys.stderr, flush=True)
+        if not args.every:
+            return 0
+        time.sleep(args.every)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,6 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", type=int, default=None)
     p.add_argument("--out", required=True)
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("gc", help="remove blobs nothing references, older than DIFFFIT_GC_GRACE_S")
+    p.add_argument("--dry-run", action="store_true", help="report what would go, delete nothing")
+    p.add_argument(
+        "--grace-s", type=float, default=None, help="override DIFFFIT_GC_GRACE_S for this run (seconds)"
+    )
+    p.add_argument("--every", type=float, default=None, help="repeat every this many seconds (a sidecar)")
+    p.set_defaults(func=_gc)
     return parser
 
 

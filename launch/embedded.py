@@ -246,6 +246,10 @@ def child_env(settings: Settings, redis_url: str) -> dict[str, str]:
     env["DIFFFIT_DATA_DIR"] = str(settings.data_dir.resolve())
     env["DIFFFIT_DATABASE_URL"] = settings.resolved_database_url
     env["DIFFFIT_BLOB_DIR"] = str(settings.resolved_blob_dir)
+    env["DIFFFIT_BLOB_URL"] = settings.resolved_blob_url
+    for name in ("s3_endpoint_url", "s3_public_endpoint_url"):
+        if getattr(settings, name):
+            env[f"DIFFFIT_{name.upper()}"] = getattr(settings, name)
     paths = [str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     env.setdefault("PYTHONUNBUFFERED", "1")

@@ -14,7 +14,7 @@ from typing import Annotated, Any, TypeVar
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from adapters_store import BlobStore, Registry, TenantRecord
+from adapters_store import BlobStore, Registry, TenantRecord, blob_store_from_settings
 from difffit.errors import Unauthorized
 from difffit.settings import Settings
 from service.queue import QueueClient
@@ -50,10 +50,10 @@ def get_registry(request: Request) -> Registry:
 
 
 def get_blob_store(request: Request) -> BlobStore:
-    """The content-addressed blob store."""
+    """The content-addressed blob store DIFFFIT_BLOB_URL names (a folder or an S3 bucket)."""
 
     def build() -> Any:
-        return BlobStore(request.app.state.settings.resolved_blob_dir)
+        return blob_store_from_settings(request.app.state.settings)
 
     return _lazy(request, "blob_store", build)
 

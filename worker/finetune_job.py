@@ -6,13 +6,19 @@
    the VAE once, on the engine thread.
 3. Train on the engine thread, resuming from the last checkpoint if any;
    this thread mirrors progress to the registry, checks the cancel flag and
-   writes a checkpoint (adapter + optimizer + RNG) every N steps.
+   writes a checkpoint (adapter + optimizer + RNG) every N steps, freeing the
+   one it replaces.
 4. Finish: adapter file, sample grid and loss curve into the blob store,
    then ONE registry call adds the immutable version; the job succeeds.
+
+Every way out frees the job's checkpoint (`adapters_store.lifecycle.end_job`),
+except failure: a failed job keeps its last checkpoint for
+DIFFFIT_CHECKPOINT_RETENTION_S, after which `difffit gc` frees it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -21,6 +27,7 @@ from datetime import UTC, datetime
 
 import torch
 
+from adapters_store import lifecycle
 from core.adapter.file import adapter_metadata, save_adapter
 from core.adapter.model import count_params
 from core.diffusion import GaussianDiffusion
@@ -28,7 +35,7 @@ from core.engine.images import grid_png
 from core.engine.sampling import SampleRequest
 from core.engine.training import TrainingData, TrainingRun
 from difffit.contract import TERMINAL_JOB_STATES, FinetuneRequest
-from difffit.errors import DiffFitError, InvalidDataset, JobCancelled
+from difffit.errors import DiffFitError, InvalidDataset, JobCancelled, JobNotFound
 from worker.datasets import ImageSet, load_dataset
 
 log = logging.getLogger(__name__)
@@ -72,27 +79,30 @@ def run_finetune_job(rt, job_id: str) -> None:
         log.info("job %s already %s; nothing to do", job_id, job.state)
         return
     if job.cancel_requested:
-        reg.update_job(job_id, state="cancelled", finished_at=_now())
+        lifecycle.end_job(reg, rt.blobs, job_id, "cancelled", keep_checkpoint=False)
         return
     job = _wait_out_live_owner(reg, job)
     if job.state in TERMINAL_JOB_STATES:
         return
     attempts = job.attempts + 1
     if attempts > settings.max_task_retries + 1:
-        _fail(reg, job_id, "worker-lost", f"the job's worker died {job.attempts} times; giving up")
+        _fail(rt, job_id, "worker-lost", f"the job's worker died {job.attempts} times; giving up")
         return
     reg.update_job(job_id, state="running", attempts=attempts, started_at=job.started_at or _now())
     reg.add_job_event(job_id, "running", {"attempt": attempts})
     try:
         _train_and_register(rt, job_id, job)
     except JobCancelled:
-        reg.update_job(job_id, state="cancelled", finished_at=_now())
+        lifecycle.end_job(reg, rt.blobs, job_id, "cancelled", keep_checkpoint=False)
         reg.add_job_event(job_id, "cancelled", {})
+    except JobNotFound:
+        # The job's row is gone (its tenant was purged): nothing to report to.
+        log.warning("job %s was deleted while it ran; stopped", job_id)
     except DiffFitError as exc:
-        _fail(reg, job_id, exc.code, exc.message)
+        _fail(rt, job_id, exc.code, exc.message)
     except Exception as exc:  # noqa: BLE001 - a job error must end the job, not the worker
         log.exception("job %s failed", job_id)
-        _fail(reg, job_id, "internal", f"{type(exc).__name__}: {exc}")
+        _fail(rt, job_id, "internal", f"{type(exc).__name__}: {exc}")
 
 
 def _wait_out_live_owner(reg, job):
@@ -115,9 +125,13 @@ def _aware(ts: datetime) -> datetime:
     return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
 
 
-def _fail(reg, job_id: str, code: str, message: str) -> None:
-    reg.update_job(job_id, state="failed", error_code=code, error_message=message, finished_at=_now())
-    reg.add_job_event(job_id, "failed", {"code": code, "message": message})
+def _fail(rt, job_id: str, code: str, message: str) -> None:
+    # The last checkpoint stays for the retention time (0: freed now).
+    keep = rt.settings.checkpoint_retention_s > 0
+    lifecycle.end_job(
+        rt.registry, rt.blobs, job_id, "failed", keep_checkpoint=keep, error_code=code, error_message=message
+    )
+    rt.registry.add_job_event(job_id, "failed", {"code": code, "message": message})
 
 
 def _train_and_register(rt, job_id: str, job) -> None:
@@ -145,21 +159,29 @@ def _train_and_register(rt, job_id: str, job) -> None:
     every = request.checkpoint_every or settings.checkpoint_every
     run = rt.call(lambda: TrainingRun(rt.engine.model, diffusion, data, request, init, every))
     future = rt.engine.submit_training(run)
-    while True:
-        # Wake for a checkpoint at once, else every 0.5 s for progress and cancel.
-        if run.checkpoint_ready.wait(timeout=0.5):
-            run.checkpoint_ready.clear()
-            state = run.checkpoint
-            sha = rt.blobs.put_bytes(torch_bytes(state))
-            reg.update_job(job_id, checkpoint_sha256=sha, checkpoint_step=state["step"])
-            reg.add_job_event(job_id, "checkpoint", {"step": state["step"], "sha256": sha})
-        if future.done():
-            tensors = future.result()
-            break
-        p = run.progress
-        current = reg.update_job(job_id, step=p.step, loss=p.loss, eta_s=p.eta_s)
-        if current.cancel_requested:
-            run.cancel.set()
+    checkpoint = job.checkpoint_sha256
+    try:
+        while True:
+            # Wake for a checkpoint at once, else every 0.5 s for progress and cancel.
+            if run.checkpoint_ready.wait(timeout=0.5):
+                run.checkpoint_ready.clear()
+                state = run.checkpoint
+                checkpoint = lifecycle.replace_checkpoint(
+                    reg, rt.blobs, job_id, torch_bytes(state), state["step"], previous=checkpoint
+                )
+                reg.add_job_event(job_id, "checkpoint", {"step": state["step"], "sha256": checkpoint})
+            if future.done():
+                tensors = future.result()
+                break
+            p = run.progress
+            current = reg.update_job(job_id, step=p.step, loss=p.loss, eta_s=p.eta_s)
+            if current.cancel_requested:
+                run.cancel.set()
+    except BaseException:
+        # Whatever stopped this loop (the job deleted, the registry or store
+        # down) must not leave the engine training for nobody.
+        run.cancel.set()
+        raise
 
     # 4. finish: blobs first, then one registry write
     placement = request.resolved_placement()
@@ -175,11 +197,13 @@ def _train_and_register(rt, job_id: str, job) -> None:
         trainable_params=counts["total"],
     )
     blob = save_adapter(tensors, meta)
-    sha = rt.blobs.put_bytes(blob)
-    files = {
-        "samples.png": rt.blobs.put_bytes(_sample_grid(rt, sha, tensors, data.num_classes, resolution)),
-        "loss.json": rt.blobs.put_bytes(json.dumps(run.progress.losses).encode()),
-    }
+    grid = _sample_grid(rt, hashlib.sha256(blob).hexdigest(), tensors, data.num_classes, resolution)
+    loss = json.dumps(run.progress.losses).encode()
+    # Everything slow happens before the first upload, keeping the window in
+    # which these blobs are unreferenced (gc's grace period) short.
+    sha, grid_sha, loss_sha = (rt.blobs.put_bytes(b) for b in (blob, grid, loss))
+    contents = {sha: blob, grid_sha: grid, loss_sha: loss}
+    files = {"samples.png": grid_sha, "loss.json": loss_sha}
     version = reg.add_version(
         job.tenant_id,
         job.adapter_name,
@@ -194,14 +218,17 @@ def _train_and_register(rt, job_id: str, job) -> None:
         files=files,
         job_id=job_id,
     )
-    reg.update_job(
+    lifecycle.ensure_stored(rt.blobs, contents)
+    lifecycle.end_job(
+        reg,
+        rt.blobs,
         job_id,
-        state="succeeded",
+        "succeeded",
+        keep_checkpoint=False,
         step=run.progress.step,
         loss=run.progress.loss,
         eta_s=0.0,
         adapter_version=version.version,
-        finished_at=_now(),
     )
     reg.add_job_event(job_id, "succeeded", {"adapter": job.adapter_name, "version": version.version})
 

@@ -16,7 +16,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 import torch
 
-from adapters_store import BlobStore, Registry
+from adapters_store import Registry, blob_store_from_settings
 from core.adapter.file import load_adapter
 from core.base_model import BaseModel, load_base, resolve_device
 from core.engine.engine import Engine
@@ -37,7 +37,7 @@ class Runtime:
         self.settings = settings
         self.registry = Registry.from_settings(settings)
         self.registry.create_schema()
-        self.blobs = BlobStore(settings.resolved_blob_dir)
+        self.blobs = blob_store_from_settings(settings)  # a folder or an S3 bucket
         if base is None:
             device = resolve_device(settings.device)
             base = load_base(settings.base_model, device=device, dtype=DTYPES[settings.dtype])

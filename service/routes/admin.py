@@ -1,4 +1,4 @@
-"""Operator endpoints: tenants and their API keys.
+"""Operator endpoints: tenants and their API keys, and purging a tenant.
 
 Authenticated by ``Authorization: Bearer <DIFFFIT_ADMIN_KEY>`` (compared in
 constant time); tenant keys never work here. When ``DIFFFIT_ADMIN_KEY`` is
@@ -19,10 +19,10 @@ from fastapi import APIRouter, Depends, Path, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from adapters_store import TenantRecord
+from adapters_store import TenantRecord, lifecycle
 from difffit.contract import NAME_MAX_LENGTH, NAME_PATTERN
 from difffit.errors import NotFound, Unauthorized
-from service.deps import RegistryDep, SettingsDep
+from service.deps import BlobStoreDep, RegistryDep, SettingsDep
 from service.errors import problem_responses
 from service.schemas import KeyCreated, TenantCreate, TenantCreated, TenantOut
 
@@ -127,3 +127,20 @@ async def disable_tenant(name: TenantName, registry: RegistryDep) -> TenantOut:
 )
 async def enable_tenant(name: TenantName, registry: RegistryDep) -> TenantOut:
     return _tenant_out(await run_in_threadpool(registry.set_tenant_disabled, name, False))
+
+
+@router.delete(
+    "/tenants/{name}",
+    status_code=204,
+    response_class=Response,
+    summary="Purge a tenant: its keys, jobs, adapters and their blobs",
+    description="Irreversible. Deletes the tenant's API keys, jobs (with their events and "
+    "checkpoints) and adapters (with every version), then removes from the blob store each "
+    "file no other tenant's version references. A job of the tenant still running stops at its "
+    "next progress write; anything it stores after the purge is removed by `difffit gc`. "
+    "To only lock a tenant out, disable it instead.",
+    responses=problem_responses(401, 404, 422),
+)
+async def purge_tenant(name: TenantName, registry: RegistryDep, blobs: BlobStoreDep) -> Response:
+    await run_in_threadpool(lifecycle.purge_tenant, registry, blobs, name)
+    return Response(status_code=204)

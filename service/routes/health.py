@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from difffit.errors import BackendUnavailable
-from service.deps import QueueDep, RegistryDep
+from service.deps import BlobStoreDep, QueueDep, RegistryDep
 from service.errors import problem_responses
 from service.schemas import Health, Readiness
 
@@ -33,17 +33,19 @@ def _workers_probe(queue: Any) -> Callable[[], None]:
 @router.get(
     "/readyz",
     response_model=Readiness,
-    summary="The registry, Redis and at least one worker answer",
-    description="Checks, in order: `registry` (SELECT 1), `redis` (PING) and `workers` (at least "
-    "one live worker stats key in Redis). 503 problem with `checks` naming each one `ok`, "
-    "`down` or, for workers while Redis is down, `unknown`.",
+    summary="The registry, the blob store, Redis and at least one worker answer",
+    description="Checks, in order: `registry` (SELECT 1), `blobs` (the blob folder is writable / "
+    "the S3 bucket answers HEAD), `redis` (PING) and `workers` (at least one live worker stats "
+    "key in Redis). 503 problem with `checks` naming each one `ok`, `down` or, for workers "
+    "while Redis is down, `unknown`.",
     responses=problem_responses(503),
 )
-async def readyz(registry: RegistryDep, queue: QueueDep) -> Readiness:
+async def readyz(registry: RegistryDep, blobs: BlobStoreDep, queue: QueueDep) -> Readiness:
     checks: dict[str, str] = {}
     failed: list[str] = []
     for name, probe in (
         ("registry", registry.ping),
+        ("blobs", blobs.ping),
         ("redis", queue.ping),
         ("workers", _workers_probe(queue)),
     ):

@@ -79,3 +79,15 @@ def vkw() -> Any:
     """Build valid keyword arguments for Registry.add_version (a fixture so
     test modules need not import conftest, whose name other folders share)."""
     return _version_kwargs
+
+
+@pytest.fixture(params=["file", "s3"])
+def blob_store(request: pytest.FixtureRequest, tmp_path: Any) -> Any:
+    """An empty blob store: a folder in tmp_path, and a fresh bucket on the test S3 server."""
+    from adapters_store import FileBlobStore
+    from adapters_store.blobstore.s3 import S3BlobStore
+
+    if request.param == "file":
+        return FileBlobStore(tmp_path / "blobs")
+    endpoint = request.getfixturevalue("s3_endpoint")
+    return S3BlobStore(request.getfixturevalue("s3_bucket"), "blobs", endpoint_url=endpoint)

@@ -54,7 +54,47 @@ def _has_healthcheck(service: dict[str, Any], target: str | None = None) -> bool
 
 
 def test_expected_services(services: dict[str, Any]) -> None:
-    assert {"redis", "postgres", "migrate", "api", "worker"} <= set(services)
+    assert {"redis", "postgres", "minio", "minio-bucket", "migrate", "api", "worker", "gc"} <= set(services)
+
+
+def _s3_bucket(env: dict[str, str]) -> str:
+    """The bucket named by DIFFFIT_BLOB_URL's compose default (``${DIFFFIT_BLOB_URL:-s3://b/p}``)."""
+    m = re.fullmatch(r"\$\{DIFFFIT_BLOB_URL:-s3://([a-z0-9.-]+)(/[^}]*)?\}", env["DIFFFIT_BLOB_URL"])
+    assert m, env["DIFFFIT_BLOB_URL"]
+    return m.group(1)
+
+
+def test_minio_holds_the_blobs_and_its_bucket_is_created_once(services: dict[str, Any]) -> None:
+    minio = services["minio"]
+    assert minio["image"].split(":")[1].startswith("RELEASE.")  # pinned, not :latest
+    assert _command(minio)[:2] == ["server", "/data"]
+    assert _volumes(minio)["minio"] == "/data" and _has_healthcheck(minio)
+    # Its root user is the AWS_* pair the API and workers sign with.
+    env = services["api"]["environment"]
+    assert minio["environment"]["MINIO_ROOT_USER"] == env["AWS_ACCESS_KEY_ID"]
+    assert minio["environment"]["MINIO_ROOT_PASSWORD"] == env["AWS_SECRET_ACCESS_KEY"]
+
+    bucket = services["minio-bucket"]
+    assert bucket["restart"] == "no" and bucket["depends_on"]["minio"]["condition"] == "service_healthy"
+    script = " ".join(_command(bucket))
+    assert f"mc mb --ignore-existing local/{_s3_bucket(env)}" in script
+    assert "http://minio:9000" in script and env["DIFFFIT_S3_ENDPOINT_URL"].endswith("-http://minio:9000}")
+    # $$ keeps compose from interpolating: the shell reads the container's variables.
+    assert "$$AWS_ACCESS_KEY_ID" in script and "$$AWS_SECRET_ACCESS_KEY" in script
+    assert bucket["environment"]["AWS_ACCESS_KEY_ID"] == env["AWS_ACCESS_KEY_ID"]
+    for name in ("api", *WORKERS, "gc"):
+        if name in services:
+            cond = services[name]["depends_on"]["minio-bucket"]["condition"]
+            assert cond == "service_completed_successfully", name
+
+
+def test_gc_runs_periodically_against_the_same_store(services: dict[str, Any]) -> None:
+    gc = services["gc"]
+    cmd = _command(gc)
+    assert cmd[:2] == ["difffit", "gc"] and "--every" in cmd
+    assert gc["build"]["target"] == "api"  # no torch needed
+    assert gc["environment"] == services["api"]["environment"]
+    assert gc["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
 
 
 def test_redis_persists_and_is_health_checked(services: dict[str, Any]) -> None:
@@ -90,10 +130,12 @@ def test_api(services: dict[str, Any]) -> None:
     assert _has_healthcheck(api, "api")
     assert api["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     assert api["depends_on"]["redis"]["condition"] == "service_healthy"
-    assert "adapters" in _volumes(api)
+    # Stateless: blobs are in the bucket, the registry in PostgreSQL.
+    assert not _named_volumes(api)
+    assert api["environment"]["DIFFFIT_BLOB_URL"].startswith("${DIFFFIT_BLOB_URL:-s3://")
 
 
-@pytest.mark.parametrize("name", ("migrate", "api", *WORKERS))
+@pytest.mark.parametrize("name", ("migrate", "api", "gc", *WORKERS))
 def test_settings_in_dot_env_reach_the_containers(services: dict[str, Any], name: str) -> None:
     if name not in services:
         pytest.skip(f"no {name} service")
@@ -115,11 +157,15 @@ def test_workers_scale(services: dict[str, Any], name: str) -> None:
         # shared by the replicas of one host to hand each a different GPU.
         assert _volumes(worker)["gpu-locks"] == "/gpu-locks"
         assert "CUDA_VISIBLE_DEVICES" not in worker["environment"]
-    # Shares the adapter store with the API at the same path.
-    assert _volumes(worker)["adapters"] == _volumes(api)["adapters"]
+    # Shares the blob store with the API: the same bucket, endpoint and credentials; no volume.
     env = worker["environment"]
-    for key in ("DIFFFIT_REDIS_URL", "DIFFFIT_DATABASE_URL", "DIFFFIT_BLOB_DIR"):
-        assert env[key] == services["api"]["environment"][key]
+    shared = ("DIFFFIT_REDIS_URL", "DIFFFIT_DATABASE_URL", "DIFFFIT_BLOB_URL", "DIFFFIT_S3_ENDPOINT_URL")
+    for key in (*shared, "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        assert env[key] == api["environment"][key], key
+    assert env["DIFFFIT_BLOB_URL"].startswith("${DIFFFIT_BLOB_URL:-s3://")
+    # Only host-local state is on volumes: the hub cache and the GPU locks.
+    assert _named_volumes(worker) <= {"hf-cache", "gpu-locks"}
+    assert _volumes(worker).get("hf-cache") == "/data/hf"
     assert env["DIFFFIT_DATABASE_URL"].startswith("postgresql")  # not a per-container SQLite
     # --scale needs replicas that differ in nothing fixed.
     assert "container_name" not in worker
@@ -145,7 +191,8 @@ def test_named_volumes_are_declared(compose: dict[str, Any], services: dict[str,
     declared = set(compose.get("volumes") or {})
     used = set().union(*(_named_volumes(s) for s in services.values()))
     assert used <= declared, used - declared
-    assert {"redis", "postgres", "adapters"} <= declared
+    assert {"redis", "postgres", "minio"} <= declared
+    assert "adapters" not in declared  # blobs left the volume for the bucket
 
 
 def test_prometheus_uses_the_shipped_scrape_config(services: dict[str, Any]) -> None:

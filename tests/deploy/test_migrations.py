@@ -128,10 +128,22 @@ def test_upgrade_twice_is_a_noop(database_url: str) -> None:
         reg.close()
 
 
-def test_create_all_database_is_stamped_then_upgraded(database_url: str) -> None:
+def _legacy_database(database_url: str) -> None:
+    """What create_schema built before migrations existed: revision 0001's schema, no alembic_version.
+
+    (Not today's `Base.metadata.create_all`: the models have moved on since.)
+    """
+    from alembic import command
+
+    command.upgrade(alembic_config(database_url), INITIAL_REVISION)
     legacy = _engine(database_url)
-    Base.metadata.create_all(legacy)  # what create_schema did before migrations
+    with legacy.begin() as conn:
+        conn.execute(text("DROP TABLE alembic_version"))
     legacy.dispose()
+
+
+def test_create_all_database_is_stamped_then_upgraded(database_url: str) -> None:
+    _legacy_database(database_url)
     reg = Registry(database_url)
     try:
         reg.create_tenant("old")
@@ -249,3 +261,42 @@ def test_difffit_db_upgrade_prints_the_revision_without_torch(tmp_path: Path) ->
     )
     assert proc.returncode == 0, proc.stderr
     assert f"at revision {head_revision()}" in proc.stdout
+
+
+def test_0002_backfills_last_version_so_numbers_continue(database_url: str) -> None:
+    # A registry at 0001 with versions 1..3 of one adapter: after the upgrade the
+    # next version is 4, and deleting the newest one does not free its number.
+    from alembic import command
+
+    command.upgrade(alembic_config(database_url), INITIAL_REVISION)
+    engine = _engine(database_url)
+    at = {"t": "2026-01-01 00:00:00"}
+    with engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO tenants (id, name, created_at, disabled) VALUES (1, 'a', :t, false)"), at
+        )
+        conn.execute(
+            text("INSERT INTO adapters (id, tenant_id, name, created_at) VALUES (7, 1, 'fungi', :t)"), at
+        )
+        for v in (1, 2, 3):
+            conn.execute(
+                text(
+                    "INSERT INTO adapter_versions (adapter_id, version, sha256, size_bytes, method, "
+                    "base_model_hash, class_names, resolution, trainable_params, metadata, files, "
+                    "created_at) VALUES (7, :v, :sha, 1, 'difffit', 'b', '[\"a\"]', 32, 1, '{}', '{}', :t)"
+                ),
+                {"v": v, "sha": f"{v:064x}", **at},
+            )
+    engine.dispose()
+    reg = Registry(database_url)
+    try:
+        assert reg.create_schema() == head_revision()
+        tenant_id = reg.get_tenant("a").id
+        reg.delete_version(tenant_id, "fungi", 3)
+        new = reg.add_version(
+            tenant_id, "fungi", sha256="e" * 64, size_bytes=1, method="difffit", base_model_hash="b",
+            class_names=["a"], resolution=32, trainable_params=1, metadata={},
+        )  # fmt: skip
+        assert new.version == 4
+    finally:
+        reg.close()

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from PIL import Image
 
-from adapters_store import BlobStore
+from adapters_store import FileBlobStore
 from launch.embedded import stop_process
 
 from .conftest import class_folder_zip, running_stack
@@ -107,7 +107,7 @@ def test_corrupt_blob_fails_the_request_and_keeps_the_registry(fault_stack):
     (version,) = before["versions"]
 
     # Flip bytes in the middle of the adapter file; its size stays the same.
-    path = BlobStore(st.settings.resolved_blob_dir).path_for(version["sha256"])
+    path = FileBlobStore(st.settings.resolved_blob_dir).path_for(version["sha256"])
     original = path.read_bytes()
     middle = len(original) // 2
     path.write_bytes(

@@ -155,7 +155,7 @@ def test_serve_runs_redis_and_api_and_stops_on_sigterm(tmp_path):
         # The worker is a sleeper that publishes no stats: not ready, and /readyz says why.
         assert (status, body["checks"]) == (
             503,
-            {"registry": "ok", "redis": "ok", "workers": "down"},
+            {"registry": "ok", "blobs": "ok", "redis": "ok", "workers": "down"},
         ), body
         req = urllib.request.Request(
             f"http://127.0.0.1:{port}/adapters", headers={"Authorization": f"Bearer {key}"}

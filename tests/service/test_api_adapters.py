@@ -46,11 +46,11 @@ def test_delete_is_204(client, acme, add_version, assert_problem):
 def test_version_files_are_linked_and_served_to_their_tenant_only(
     client, acme, other, registry, settings, assert_problem
 ):
-    from adapters_store import BlobStore
+    from adapters_store import FileBlobStore
 
     from .conftest import tiny_png
 
-    blobs = BlobStore(settings.resolved_blob_dir)
+    blobs = FileBlobStore(settings.resolved_blob_dir)
     grid = tiny_png(7)
     files = {"samples.png": blobs.put_bytes(grid), "loss.json": blobs.put_bytes(b"[1.0, 0.5]")}
     registry.add_version(

@@ -27,7 +27,7 @@ def test_readyz_ok(client):
     assert resp.status_code == 200
     assert resp.json() == {
         "status": "ready",
-        "checks": {"registry": "ok", "redis": "ok", "workers": "ok"},
+        "checks": {"registry": "ok", "blobs": "ok", "redis": "ok", "workers": "ok"},
     }
 
 
@@ -35,14 +35,14 @@ def test_readyz_503_when_redis_down(client, fake_queue, assert_problem):
     fake_queue.down = True
     body = assert_problem(client.get("/readyz"), 503, "backend-unavailable")
     # Workers are read from Redis: unknown while it is down.
-    assert body["checks"] == {"registry": "ok", "redis": "down", "workers": "unknown"}
+    assert body["checks"] == {"registry": "ok", "blobs": "ok", "redis": "down", "workers": "unknown"}
     assert body["failed"] == ["redis", "workers"]
 
 
 def test_readyz_503_without_a_live_worker(client, fake_queue, assert_problem):
     fake_queue.workers = []
     body = assert_problem(client.get("/readyz"), 503, "backend-unavailable")
-    assert body["checks"] == {"registry": "ok", "redis": "ok", "workers": "down"}
+    assert body["checks"] == {"registry": "ok", "blobs": "ok", "redis": "ok", "workers": "down"}
     assert body["failed"] == ["workers"]
 
 

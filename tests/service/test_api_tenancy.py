@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from adapters_store import BlobStore
+from adapters_store import FileBlobStore
 
 from .conftest import tiny_png
 
@@ -21,7 +21,7 @@ BODY = {"dataset_url": "https://data.example/fungi.zip", "steps": 20}
 @pytest.fixture
 def others_fungi(other, registry, settings):
     """`other` owns adapter "fungi" with a sample grid file."""
-    blobs = BlobStore(settings.resolved_blob_dir)
+    blobs = FileBlobStore(settings.resolved_blob_dir)
     registry.add_version(
         other.record.id, "fungi", sha256="d" * 64, size_bytes=1, method="difffit",
         base_model_hash="b" * 64, class_names=["a", "b"], resolution=32, trainable_params=1,

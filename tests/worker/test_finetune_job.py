@@ -110,3 +110,31 @@ def test_a_job_that_keeps_killing_its_worker_fails_after_the_retry_cap(runtime, 
     job = runtime.registry.get_job_unscoped(job.id)
     assert job.state == "failed" and job.error_code == "worker-lost"
     assert "died 4 times" in job.error_message
+
+
+def test_checkpoints_go_with_the_job_and_the_adapter_with_its_delete(runtime, tmp_path):
+    from adapters_store import lifecycle
+    from tests.s3 import everything_in
+
+    tenant, job = _job(runtime, tmp_path, steps=12, checkpoint_every=4)
+    runtime.finetune(job.id)
+    job = runtime.registry.get_job_unscoped(job.id)
+    assert job.state == "succeeded" and job.checkpoint_sha256 is None
+    checkpoints = [e.data["sha256"] for e in runtime.registry.job_events(job.id) if e.kind == "checkpoint"]
+    assert checkpoints and not any(runtime.blobs.exists(s) for s in checkpoints)
+    v = runtime.registry.get_version(tenant.id, "shades")
+    assert sorted(everything_in(runtime.blobs)) == sorted(
+        f"{s[:2]}/{s[2:4]}/{s}" for s in (v.sha256, *v.files.values())
+    )
+    lifecycle.delete_adapter(runtime.registry, runtime.blobs, tenant.id, "shades")
+    assert everything_in(runtime.blobs) == []
+
+
+def test_a_failed_job_keeps_its_last_checkpoint(runtime, tmp_path):
+    _, job = _job(runtime, tmp_path)
+    sha = runtime.blobs.put_bytes(b"checkpoint written before the worker died")
+    runtime.registry.update_job(job.id, checkpoint_sha256=sha, checkpoint_step=4)
+    runtime.registry.update_job(job.id, attempts=runtime.settings.max_task_retries + 1)
+    runtime.finetune(job.id)
+    job = runtime.registry.get_job_unscoped(job.id)
+    assert job.state == "failed" and job.checkpoint_sha256 == sha and runtime.blobs.exists(sha)

@@ -1,11 +1,11 @@
-"""Content-addressed blob store on a local (or shared) folder.
+"""The folder store (``file:///path``): a blob lives at ``root/ab/cd/<sha256>``.
 
-A blob lives at ``root/ab/cd/<sha256>`` where ``abcd`` are the first hex
-digits of its sha256. Writes go to a temporary file in the destination
-folder and are renamed into place with ``os.replace``, so a reader sees
-either the whole blob or none, even if the writer dies half way. Every
-read re-hashes the content: a file damaged on disk raises CorruptBlob
-instead of feeding garbage to the engine.
+Writes go to a temporary file in the destination folder and are renamed into
+place with ``os.replace``, so a reader sees either the whole blob or none,
+even if the writer dies half way (its ``.tmp`` debris is removed by
+`remove_stale_uploads`). Every read re-hashes the content. A shared folder
+(NFS, CephFS) with atomic rename works across hosts; object storage is the
+usual choice there (`S3BlobStore`).
 """
 
 from __future__ import annotations
@@ -13,15 +13,23 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import re
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
-from difffit.errors import CorruptBlob, InvalidRequest, NotFound
+from adapters_store.blobstore.base import (
+    CHUNK,
+    SHA256,
+    BlobInfo,
+    BlobStore,
+    check_sha,
+    fan_out,
+    verified_chunks,
+)
+from difffit.errors import BackendUnavailable, CorruptBlob, InvalidRequest, NotFound
 
-CHUNK = 1 << 20
-_SHA256 = re.compile(r"[0-9a-f]{64}")
+TMP_SUFFIX = ".tmp"
 
 
 def _hash_file(path: Path) -> str:
@@ -47,49 +55,38 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class BlobStore:
+class FileBlobStore(BlobStore):
     """Files addressed by their sha256 hex digest under `root`."""
 
     def __init__(self, root: Path) -> None:
         """Use (and create if needed) the folder `root`."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.url = self.root.resolve().as_uri()
 
     def __repr__(self) -> str:
-        return f"BlobStore({str(self.root)!r})"
+        return f"FileBlobStore({str(self.root)!r})"
 
     def path_for(self, sha256: str) -> Path:
-        """Where the blob `sha256` lives (whether or not it exists).
-
-        The argument must be 64 lowercase hex characters, which also
-        guarantees that the path cannot leave the store's root.
-        """
-        if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
-            raise InvalidRequest(f"invalid blob hash {sha256!r}: expected 64 lowercase hex characters")
-        return self.root / sha256[:2] / sha256[2:4] / sha256
+        """Where the blob `sha256` lives (whether or not it exists); InvalidRequest for a bad hash."""
+        return self.root / fan_out(check_sha(sha256))
 
     def put_bytes(self, data: bytes) -> str:
-        """Store `data` and return its sha256 (a no-op if an intact copy exists)."""
         data = bytes(data)
         sha = hashlib.sha256(data).hexdigest()
         path = self.path_for(sha)
-        if not self._intact(path, sha):
+        if not self._intact_refreshed(path, sha):
             self._write_atomic(path, sha, [data])
         return sha
 
     def put_file(self, path: Path) -> str:
-        """Store a copy of the file at `path` and return its sha256.
-
-        The file is read twice (hash, then copy) so the temporary copy can
-        sit in the destination folder; the copy is re-hashed and refused if
-        the source changed in between.
-        """
+        """See `BlobStore.put_file`: hashed, then copied and re-hashed (refused if it changed)."""
         src = Path(path)
         if not src.is_file():
             raise NotFound(f"file to store {str(src)!r} does not exist")
         sha = _hash_file(src)
         dest = self.path_for(sha)
-        if self._intact(dest, sha):
+        if self._intact_refreshed(dest, sha):
             return sha
 
         def chunks() -> Iterable[bytes]:
@@ -101,7 +98,6 @@ class BlobStore:
         return sha
 
     def get_bytes(self, sha256: str) -> bytes:
-        """The content of blob `sha256`, verified; NotFound or CorruptBlob otherwise."""
         path = self.path_for(sha256)
         try:
             data = path.read_bytes()
@@ -111,6 +107,20 @@ class BlobStore:
         if actual != sha256:
             raise CorruptBlob(f"blob {sha256} at {path} is corrupt: its content hashes to {actual}")
         return data
+
+    def iter_verified(self, sha256: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
+        path = self.path_for(sha256)
+
+        def chunks() -> Iterator[bytes]:
+            try:
+                fh = path.open("rb")
+            except FileNotFoundError:
+                raise NotFound(f"blob {sha256} not found at {path}") from None
+            with fh:
+                while chunk := fh.read(chunk_size):
+                    yield chunk
+
+        return verified_chunks(sha256, chunks(), str(path))
 
     def open_verified(self, sha256: str) -> Path:
         """Verify blob `sha256` on disk and return its path (for mmap-style loaders)."""
@@ -124,33 +134,60 @@ class BlobStore:
         return path
 
     def exists(self, sha256: str) -> bool:
-        """Whether blob `sha256` is present (its content is not checked)."""
         return self.path_for(sha256).is_file()
 
     def delete(self, sha256: str) -> None:
-        """Remove blob `sha256`; a missing blob is not an error."""
+        # Empty fan-out folders stay: removing one could race a put that just created it.
         with contextlib.suppress(FileNotFoundError):
             self.path_for(sha256).unlink()
 
     def size(self, sha256: str) -> int:
-        """Size in bytes of blob `sha256`; NotFound when absent."""
         path = self.path_for(sha256)
         try:
             return path.stat().st_size
         except FileNotFoundError:
             raise NotFound(f"blob {sha256} not found at {path}") from None
 
-    def _intact(self, path: Path, sha: str) -> bool:
+    def iter_blobs(self) -> Iterator[BlobInfo]:
+        for path in self.root.glob("??/??/*"):
+            if not SHA256.fullmatch(path.name) or path.parent.parent.name != path.name[:2]:
+                continue
+            try:
+                st = path.stat()
+            except FileNotFoundError:  # deleted while listing
+                continue
+            yield BlobInfo(path.name, st.st_size, datetime.fromtimestamp(st.st_mtime, UTC))
+
+    def remove_stale_uploads(self, older_than: datetime) -> int:
+        cutoff = older_than.timestamp()
+        removed = 0
+        for path in self.root.glob(f"??/??/.*{TMP_SUFFIX}"):
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+        return removed
+
+    def ping(self) -> None:
+        if not self.root.is_dir() or not os.access(self.root, os.W_OK | os.X_OK):
+            raise BackendUnavailable(f"blob folder {self.root} is missing or not writable")
+
+    def _intact_refreshed(self, path: Path, sha: str) -> bool:
         # Re-hashing an existing copy lets a second put repair a blob that
-        # was damaged on disk instead of silently keeping the bad bytes.
+        # was damaged on disk instead of silently keeping the bad bytes; the
+        # touch restarts gc's grace period for a writer about to register it.
         try:
-            return _hash_file(path) == sha
+            intact = _hash_file(path) == sha
         except FileNotFoundError:
             return False
+        if intact:
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(path)
+        return intact
 
     def _write_atomic(self, dest: Path, sha: str, chunks: Iterable[bytes]) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.parent / f".{sha}.{secrets.token_hex(6)}.tmp"
+        tmp = dest.parent / f".{sha}.{secrets.token_hex(6)}{TMP_SUFFIX}"
         digest = hashlib.sha256()
         try:
             with tmp.open("xb") as fh:

@@ -9,10 +9,12 @@ re-exported here for the store's callers.
 from adapters_store.blobs import BlobStore
 from adapters_store.records import (
     AdapterRecord,
+    DatasetRecord,
     JobEvent,
     JobRecord,
     TenantRecord,
     VersionRecord,
+    WebhookDeliveryRecord,
 )
 from adapters_store.registry import Registry
 from difffit.adapter_format import read_header, read_header_file
@@ -20,11 +22,13 @@ from difffit.adapter_format import read_header, read_header_file
 __all__ = [
     "AdapterRecord",
     "BlobStore",
+    "DatasetRecord",
     "JobEvent",
     "JobRecord",
     "Registry",
     "TenantRecord",
     "VersionRecord",
+    "WebhookDeliveryRecord",
     "read_header",
     "read_header_file",
 ]

@@ -10,7 +10,7 @@ from sqlalchemy import String, cast, func, select
 from sqlalchemy.orm import Session, selectinload
 
 from adapters_store.db import Database
-from adapters_store.models import Adapter, AdapterVersion, Job, Tenant, utcnow
+from adapters_store.models import Adapter, AdapterVersion, Dataset, Job, Tenant, utcnow
 from adapters_store.records import AdapterRecord, VersionRecord
 from adapters_store.registry_tenants import validate_name
 from difffit.errors import AdapterNotFound, InvalidRequest, TenantNotFound
@@ -217,7 +217,8 @@ class AdapterOps:
         return self._db.write(fn)
 
     def blob_in_use(self, sha256: str) -> bool:
-        """Whether any version (blob or attached file) or job checkpoint references `sha256`."""
+        """Whether any version (blob or attached file), job checkpoint or uploaded data set
+        references `sha256`."""
         _check_sha(sha256, "sha256")
 
         def fn(s: Session) -> bool:
@@ -230,6 +231,9 @@ class AdapterOps:
             if s.scalar(in_files.limit(1)) is not None:
                 return True
             in_jobs = select(Job.id).where(Job.checkpoint_sha256 == sha256).limit(1)
-            return s.scalar(in_jobs) is not None
+            if s.scalar(in_jobs) is not None:
+                return True
+            in_datasets = select(Dataset.id).where(Dataset.sha256 == sha256).limit(1)
+            return s.scalar(in_datasets) is not None
 
         return self._db.read(fn)

@@ -14,6 +14,7 @@ from adapters_store.db import Database
 from adapters_store.models import Job, JobEventRow, Tenant, utcnow
 from adapters_store.records import JobEvent, JobRecord
 from adapters_store.registry_tenants import validate_name
+from adapters_store.registry_webhooks import enqueue_terminal_webhook
 from difffit.contract import TERMINAL_JOB_STATES, JobState
 from difffit.errors import Conflict, InvalidRequest, JobNotFound, TenantNotFound
 
@@ -204,6 +205,8 @@ class JobOps:
             if new_state in TERMINAL_JOB_STATES and "finished_at" not in fields:
                 row.finished_at = now
             row.updated_at = now
+            if new_state in TERMINAL_JOB_STATES:
+                enqueue_terminal_webhook(s, row)
             s.flush()
             return job_record(row)
 
@@ -225,6 +228,7 @@ class JobOps:
             if row.state == "queued":
                 row.state = "cancelled"
                 row.finished_at = now
+                enqueue_terminal_webhook(s, row)
             row.updated_at = now
             s.flush()
             return job_record(row)

@@ -22,12 +22,13 @@ from difffit.settings import Settings, get_settings
 from service.errors import install_error_handlers
 from service.metrics import Metrics, MetricsMiddleware
 from service.middleware import RequestContextMiddleware
-from service.routes import adapters, admin, finetune, generate, health, jobs
+from service.routes import adapters, admin, datasets, finetune, generate, health, jobs
 
 API_VERSION = "0.1.0"
 
 TAGS = [
     {"name": "jobs", "description": "Fine-tune DiffFit adapters and follow the jobs."},
+    {"name": "datasets", "description": "Upload data sets (zip or tar, one folder per class)."},
     {"name": "generate", "description": "Sample images from the base model or an adapter."},
     {"name": "adapters", "description": "The tenant's adapters and their immutable versions."},
     {"name": "health", "description": "Liveness, readiness and Prometheus metrics."},
@@ -65,6 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Added last = outermost: its request id covers every log line of the request.
     app.add_middleware(RequestContextMiddleware)
 
+    app.include_router(datasets.router)
     app.include_router(finetune.router)
     app.include_router(jobs.router)
     app.include_router(generate.router)

@@ -87,6 +87,24 @@ class AdapterList(_Out):
     adapters: list[AdapterSummary]
 
 
+# --- datasets -----------------------------------------------------------------
+class Dataset(_Out):
+    """An uploaded data set, validated (pass its `id` as `dataset_id` to `POST /finetune`)."""
+
+    id: str
+    sha256: str = Field(..., description="sha256 of the archive as uploaded.")
+    filename: str | None = Field(None, description="The uploaded file's name, if the client sent one.")
+    size_bytes: int
+    classes: list[str] = Field(..., description="Class names: the folder names, sorted.")
+    class_counts: list[int] = Field(..., description="Images per class, in the order of `classes`.")
+    images: int
+    created_at: datetime | None = None
+
+
+class DatasetList(_Out):
+    datasets: list[Dataset]
+
+
 # --- generate -----------------------------------------------------------------
 class GenerateResponse(_Out):
     """JSON answer of ``POST /generate`` (when JSON is asked for or n > 1)."""

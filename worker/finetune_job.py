@@ -29,7 +29,7 @@ from core.engine.sampling import SampleRequest
 from core.engine.training import TrainingData, TrainingRun
 from difffit.contract import TERMINAL_JOB_STATES, FinetuneRequest
 from difffit.errors import DiffFitError, InvalidDataset, JobCancelled
-from worker.datasets import ImageSet, load_dataset
+from worker.datasets import ImageSet, load_archive, load_dataset
 
 log = logging.getLogger(__name__)
 GRID_CLASSES, GRID_PER_CLASS = 16, 4
@@ -127,7 +127,7 @@ def _train_and_register(rt, job_id: str, job) -> None:
     rt.latent_size(resolution)  # validates the resolution
 
     # 2. intake
-    images = load_dataset(request.dataset_url, settings, rt.base.image_channels, resolution)
+    images = _intake(rt, job, request, resolution)
     if len(images.class_names) > settings.max_classes:
         raise InvalidDataset(f"{len(images.class_names)} classes; at most {settings.max_classes} allowed")
     reg.add_job_event(job_id, "dataset", {"images": len(images.labels), "classes": images.class_names})
@@ -204,6 +204,15 @@ def _train_and_register(rt, job_id: str, job) -> None:
         finished_at=_now(),
     )
     reg.add_job_event(job_id, "succeeded", {"adapter": job.adapter_name, "version": version.version})
+
+
+def _intake(rt, job, request: FinetuneRequest, resolution: int) -> ImageSet:
+    """The job's images: an uploaded data set (by id, the tenant's own) or a URL."""
+    channels = rt.base.image_channels
+    if request.dataset_id is not None:
+        dataset = rt.registry.get_dataset(job.tenant_id, request.dataset_id)  # gone: dataset-not-found
+        return load_archive(rt.blobs.open_verified(dataset.sha256), rt.settings, channels, resolution)
+    return load_dataset(request.dataset_url, rt.settings, channels, resolution)
 
 
 def _retention_set(rt, n_target: int, latent_size: int, seed: int) -> torch.Tensor:

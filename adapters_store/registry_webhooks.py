@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import secrets
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
@@ -96,15 +97,17 @@ class WebhookOps:
         mid-call: receivers dedupe on the delivery id).
         """
 
+        def due(now: datetime) -> Any:
+            return select(WebhookDelivery).where(
+                WebhookDelivery.state == "pending",
+                WebhookDelivery.next_attempt_at <= now,
+                or_(WebhookDelivery.leased_until.is_(None), WebhookDelivery.leased_until < now),
+            )
+
         def fn(s: Session) -> list[WebhookDeliveryRecord]:
             now = utcnow()
             query = (
-                select(WebhookDelivery)
-                .where(
-                    WebhookDelivery.state == "pending",
-                    WebhookDelivery.next_attempt_at <= now,
-                    or_(WebhookDelivery.leased_until.is_(None), WebhookDelivery.leased_until < now),
-                )
+                due(now)
                 .order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.id)
                 .limit(limit)
                 .with_for_update(skip_locked=True)
@@ -115,6 +118,12 @@ class WebhookOps:
             s.flush()
             return [_record(r) for r in rows]
 
+        # Polled every second or so: a read first, so an idle outbox takes no write lock.
+        if (
+            self._db.read(lambda s: s.scalar(due(utcnow()).with_only_columns(WebhookDelivery.id).limit(1)))
+            is None
+        ):
+            return []
         return self._db.write(fn)
 
     def finish_webhook_attempt(

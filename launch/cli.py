@@ -7,6 +7,7 @@
     difffit db upgrade                  create / upgrade the registry schema
     difffit serve                       redis + worker + API, embedded
     difffit export TENANT ADAPTER --out DIR [--version N]
+    difffit finetune | generate | download | import ...   a tenant's verbs (difffit.tenant_cli)
 
 Torch is imported only by the subcommands that need it (params, export).
 """
@@ -117,14 +118,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", type=int, default=None)
     p.add_argument("--out", required=True)
     p.set_defaults(func=_export)
+
+    from difffit.tenant_cli import add_tenant_commands
+
+    add_tenant_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `difffit` console script."""
+    import httpx
+
+    from difffit.client import APIError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except APIError as exc:
+        print(f"error ({exc.code}): {exc.detail}", file=sys.stderr)
+        return 2
+    except httpx.TransportError as exc:
+        print(f"error: cannot reach the server: {exc}", file=sys.stderr)
+        return 2
     except DiffFitError as exc:
         print(f"error ({exc.code}): {exc.message}", file=sys.stderr)
         return 2

@@ -132,6 +132,18 @@ class GenerateStatus(_Out):
     seconds: float | None = None
 
 
+# --- webhooks -----------------------------------------------------------------
+class WebhookSecret(_Out):
+    """The tenant's webhook signing secret and how it signs."""
+
+    secret: str
+    header: str = Field("X-DiffFit-Signature", description="The header that carries the signature.")
+    scheme: str = Field(
+        "sha256=<hex HMAC-SHA256 of the raw request body under the secret>",
+        description="What the header's value is.",
+    )
+
+
 # --- health -------------------------------------------------------------------
 class Health(_Out):
     status: Literal["ok"] = "ok"
@@ -172,6 +184,9 @@ class TenantCreated(_Out):
     name: str
     api_key: str
     key_prefix: str = Field(..., description="What `DELETE /admin/keys/{prefix}` takes to revoke it.")
+    webhook_secret: str | None = Field(
+        None, description="Signs the tenant's webhooks (also at `GET /webhooks/secret`)."
+    )
 
 
 class KeyCreated(_Out):

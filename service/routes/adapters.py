@@ -25,7 +25,9 @@ AdapterName = Annotated[
 ]
 
 
-FILE_TYPES = {".png": "image/png", ".json": "application/json"}
+FILE_TYPES = {".png": "image/png", ".json": "application/json", ".safetensors": "application/octet-stream"}
+#: The version's adapter file itself, downloadable like its other files.
+ADAPTER_FILE = "adapter.safetensors"
 
 
 def version_out(v: Any) -> AdapterVersion:
@@ -44,7 +46,7 @@ def version_out(v: Any) -> AdapterVersion:
         job_id=v.job_id,
         created_at=v.created_at,
         files=files,
-        file_urls={f: f"/adapters/{v.name}/versions/{v.version}/files/{f}" for f in files},
+        file_urls={f: f"/adapters/{v.name}/versions/{v.version}/files/{f}" for f in [ADAPTER_FILE, *files]},
         metadata=dict(v.metadata or {}),
     )
 
@@ -107,7 +109,7 @@ def delete_adapter(name: AdapterName, tenant: TenantDep, registry: RegistryDep) 
 @router.get(
     "/{name}/versions/{version}/files/{filename}",
     response_class=Response,
-    summary="Download a file of an adapter version (sample grid, loss curve)",
+    summary="Download a file of an adapter version (adapter.safetensors, sample grid, loss curve)",
     responses={200: {"content": {"image/png": {}, "application/json": {}}}}
     | problem_responses(401, 404, 422),
 )
@@ -120,11 +122,16 @@ def get_version_file(
     blobs: BlobStoreDep,
 ) -> Response:
     v = registry.get_version(tenant.id, name, version)
-    sha = (v.files or {}).get(filename)
+    sha = v.sha256 if filename == ADAPTER_FILE else (v.files or {}).get(filename)
     if sha is None:
         raise NotFound(
             f"adapter {name!r} version {version} has no file {filename[:255]!r}; "
-            f"it has {sorted(v.files or {})}"
+            f"it has {sorted([ADAPTER_FILE, *(v.files or {})])}"
         )
     media = FILE_TYPES.get(filename[filename.rfind(".") :], "application/octet-stream")
-    return Response(content=blobs.get_bytes(sha), media_type=media)
+    headers = {"Content-Disposition": f'attachment; filename="{name}-v{version}.safetensors"'}
+    return Response(
+        content=blobs.get_bytes(sha),
+        media_type=media,
+        headers=headers if filename == ADAPTER_FILE else None,
+    )

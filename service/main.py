@@ -22,7 +22,17 @@ from difffit.settings import Settings, get_settings
 from service.errors import install_error_handlers
 from service.metrics import Metrics, MetricsMiddleware
 from service.middleware import RequestContextMiddleware
-from service.routes import adapters, admin, datasets, finetune, generate, health, jobs, webhooks
+from service.routes import (
+    adapter_import,
+    adapters,
+    admin,
+    datasets,
+    finetune,
+    generate,
+    health,
+    jobs,
+    webhooks,
+)
 
 API_VERSION = "0.1.0"
 
@@ -82,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(generate.router)
     app.include_router(adapters.router)
+    app.include_router(adapter_import.router)
     app.include_router(webhooks.router)
     app.include_router(health.router)
     app.include_router(admin.router)

@@ -31,6 +31,7 @@ from service.routes import (
     generate,
     health,
     jobs,
+    openai_images,
     webhooks,
 )
 
@@ -91,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(finetune.router)
     app.include_router(jobs.router)
     app.include_router(generate.router)
+    app.include_router(openai_images.router)
     app.include_router(adapters.router)
     app.include_router(adapter_import.router)
     app.include_router(webhooks.router)

@@ -47,15 +47,22 @@ def _bad(message: str) -> InvalidRequest:
     return InvalidRequest(f"not a valid adapter file: {message}")
 
 
-def check_adapter(data: bytes, base_hash: str, spec: AdapterSpec) -> CheckedAdapter:
-    """Validate an adapter file for the base (hash, spec); raise InvalidRequest or IncompatibleAdapter."""
+def read_adapter_header(data: bytes) -> dict[str, Any]:
+    """The parsed header of a file in this project's format (no base needed); InvalidRequest otherwise."""
     header = read_header(data)
-    meta, tensors = header["metadata"], header["tensors"]
+    meta = header["metadata"]
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise _bad(
             f"format {meta.get('format')!r} version {meta.get('format_version')!r}; "
             f"expected {FORMAT!r} version {FORMAT_VERSION}"
         )
+    return header
+
+
+def check_adapter(data: bytes, base_hash: str, spec: AdapterSpec) -> CheckedAdapter:
+    """Validate an adapter file for the base (hash, spec); raise InvalidRequest or IncompatibleAdapter."""
+    header = read_adapter_header(data)
+    meta, tensors = header["metadata"], header["tensors"]
     if meta.get("base_hash") != base_hash:
         raise IncompatibleAdapter(
             f"the adapter was trained on base {meta.get('base_model')!r} with content hash "

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from difffit.errors import BackendUnavailable
-from service.adapter_import import check_adapter
+from service.adapter_import import check_adapter, read_adapter_header
 from service.deps import BlobStoreDep, QueueDep, RegistryDep, SettingsDep, TenantDep
 from service.errors import problem_responses
 from service.routes.adapters import AdapterName, version_out
@@ -37,6 +37,7 @@ def _resident_base(queue: Any) -> tuple[str, Any]:
 
 
 def _import(registry: Any, blobs: Any, queue: Any, tenant_id: int, name: str, data: bytes) -> Any:
+    read_adapter_header(data)  # a file that is no adapter at all is a 422 even without workers
     base_hash, spec = _resident_base(queue)
     checked = check_adapter(data, base_hash, spec)
     sha = blobs.put_bytes(data)

@@ -30,6 +30,7 @@ from core.engine.training import TrainingData, TrainingRun
 from difffit.contract import TERMINAL_JOB_STATES, FinetuneRequest
 from difffit.errors import DiffFitError, InvalidDataset, JobCancelled
 from worker.datasets import ImageSet, load_archive, load_dataset
+from worker.previews import PreviewSampler, ProgressEvents
 
 log = logging.getLogger(__name__)
 GRID_CLASSES, GRID_PER_CLASS = 16, 4
@@ -144,22 +145,39 @@ def _train_and_register(rt, job_id: str, job) -> None:
     diffusion = GaussianDiffusion.from_scheduler_config(rt.base.scheduler_config)
     every = request.checkpoint_every or settings.checkpoint_every
     run = rt.call(lambda: TrainingRun(rt.engine.model, diffusion, data, request, init, every))
+    previews = PreviewSampler(rt, job_id, data.num_classes, resolution)
+    progress = ProgressEvents(reg, job_id)
     future = rt.engine.submit_training(run)
-    while True:
-        # Wake for a checkpoint at once, else every 0.5 s for progress and cancel.
-        if run.checkpoint_ready.wait(timeout=0.5):
-            run.checkpoint_ready.clear()
-            state = run.checkpoint
-            sha = rt.blobs.put_bytes(torch_bytes(state))
-            reg.update_job(job_id, checkpoint_sha256=sha, checkpoint_step=state["step"])
-            reg.add_job_event(job_id, "checkpoint", {"step": state["step"], "sha256": sha})
-        if future.done():
-            tensors = future.result()
-            break
-        p = run.progress
-        current = reg.update_job(job_id, step=p.step, loss=p.loss, eta_s=p.eta_s)
-        if current.cancel_requested:
-            run.cancel.set()
+    try:
+        while True:
+            # Wake for a checkpoint at once, else every 0.5 s for progress, previews and cancel.
+            if run.checkpoint_ready.wait(timeout=0.5):
+                run.checkpoint_ready.clear()
+                state = run.checkpoint
+                sha = rt.blobs.put_bytes(torch_bytes(state))
+                reg.update_job(job_id, checkpoint_sha256=sha, checkpoint_step=state["step"])
+                reg.add_job_event(job_id, "checkpoint", {"step": state["step"], "sha256": sha})
+            previews.poll()
+            if run.preview_ready.is_set() and previews.pending is None:
+                # The newest snapshot; those taken while one was sampling are skipped.
+                run.preview_ready.clear()
+                previews.offer(*run.preview)
+            if future.done():
+                tensors = future.result()
+                break
+            p = run.progress
+            current = reg.update_job(job_id, step=p.step, loss=p.loss, eta_s=p.eta_s)
+            progress.maybe_send(p)
+            if current.cancel_requested:
+                run.cancel.set()
+        progress.maybe_send(run.progress, force=True)
+        previews.poll(wait_s=60.0)
+        if run.preview_ready.is_set():  # the newest snapshot (the last step's) is never skipped
+            run.preview_ready.clear()
+            previews.offer(*run.preview)
+            previews.poll(wait_s=60.0)
+    finally:
+        previews.close()
 
     # 4. finish: blobs first, then one registry write
     placement = request.resolved_placement()

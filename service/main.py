@@ -32,6 +32,7 @@ from service.routes import (
     health,
     jobs,
     openai_images,
+    ui,
     webhooks,
 )
 
@@ -98,6 +99,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(webhooks.router)
     app.include_router(health.router)
     app.include_router(admin.router)
+    app.include_router(ui.router)
+    app.mount(ui.STATIC, ui.static_files(), name="ui-static")
     logging.getLogger("difffit").setLevel(settings.log_level.upper())
     return app
 

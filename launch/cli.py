@@ -7,7 +7,7 @@
     difffit db upgrade                  create / upgrade the registry schema
     difffit serve                       redis + worker + API, embedded
     difffit export TENANT ADAPTER --out DIR [--version N]
-    difffit finetune | generate | download | import ...   a tenant's verbs (difffit.tenant_cli)
+    difffit finetune | generate | download | import ...   a tenant's verbs (launch.tenant_cli)
 
 Torch is imported only by the subcommands that need it (params, export).
 """
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=_export)
 
-    from difffit.tenant_cli import add_tenant_commands
+    from launch.tenant_cli import add_tenant_commands
 
     add_tenant_commands(sub)
     return parser

@@ -99,7 +99,7 @@ def test_cli_finetune_a_folder_then_generate(tenant_stack, trained, tmp_path):
 
     def cli(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "difffit.cli", *args], env=env, cwd=REPO, capture_output=True,
+            [sys.executable, "-m", "launch.cli", *args], env=env, cwd=REPO, capture_output=True,
             text=True, timeout=300,
         )  # fmt: skip
 

@@ -10,7 +10,7 @@ from sqlalchemy import String, cast, func, select
 from sqlalchemy.orm import Session, selectinload
 
 from adapters_store.db import Database
-from adapters_store.models import Adapter, AdapterVersion, Dataset, Job, Tenant, utcnow
+from adapters_store.models import Adapter, AdapterVersion, Dataset, Job, JobEventRow, Tenant, utcnow
 from adapters_store.records import AdapterRecord, VersionRecord
 from adapters_store.registry_tenants import validate_name
 from difffit.errors import AdapterNotFound, InvalidRequest, TenantNotFound
@@ -217,8 +217,8 @@ class AdapterOps:
         return self._db.write(fn)
 
     def blob_in_use(self, sha256: str) -> bool:
-        """Whether any version (blob or attached file), job checkpoint or uploaded data set
-        references `sha256`."""
+        """Whether any version (blob or attached file), job checkpoint, uploaded data set or
+        job preview grid references `sha256`."""
         _check_sha(sha256, "sha256")
 
         def fn(s: Session) -> bool:
@@ -234,6 +234,11 @@ class AdapterOps:
             if s.scalar(in_jobs) is not None:
                 return True
             in_datasets = select(Dataset.id).where(Dataset.sha256 == sha256).limit(1)
-            return s.scalar(in_datasets) is not None
+            if s.scalar(in_datasets) is not None:
+                return True
+            in_previews = select(JobEventRow.id).where(
+                JobEventRow.kind == "preview", cast(JobEventRow.data, String).contains(sha256)
+            )
+            return s.scalar(in_previews.limit(1)) is not None
 
         return self._db.read(fn)

@@ -266,6 +266,16 @@ class JobOps:
 
         return self._db.read(fn)
 
+    def preview_blob_shas(self) -> set[str]:
+        """The sha256 of every preview grid a job's ``preview`` event names, all tenants:
+        blobs a garbage collector must keep while those events exist."""
+
+        def fn(s: Session) -> set[str]:
+            rows = s.scalars(select(JobEventRow.data).where(JobEventRow.kind == "preview"))
+            return {str(d["sha256"]) for d in rows if isinstance(d, dict) and d.get("sha256")}
+
+        return self._db.read(fn)
+
     def count_jobs_by_state(self) -> dict[str, int]:
         """Number of jobs in each state, all tenants (every state present, 0 if none)."""
 

@@ -98,3 +98,12 @@ def test_webhook_secret_is_made_once_and_rotates(registry):
     assert registry.webhook_secret(acme.id) == secret
     rotated = registry.rotate_webhook_secret(acme.id)
     assert rotated != secret and registry.webhook_secret(acme.id) == rotated
+
+
+def test_preview_grids_named_by_job_events_count_as_referenced(registry):
+    acme = registry.create_tenant("acme")
+    job, _ = registry.create_job(acme.id, "a", {}, total_steps=1)
+    assert registry.preview_blob_shas() == set() and not registry.blob_in_use(SHA_B)
+    registry.add_job_event(job.id, "preview", {"step": 1, "sha256": SHA_B, "url": "x"})
+    registry.add_job_event(job.id, "checkpoint", {"step": 1, "sha256": SHA_A})  # not a preview
+    assert registry.preview_blob_shas() == {SHA_B} and registry.blob_in_use(SHA_B)

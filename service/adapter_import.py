@@ -3,15 +3,17 @@
 The base is what the live workers publish (:class:`difffit.contract.WorkerStats`):
 its content hash and an :class:`difffit.contract.AdapterSpec` (each adapted
 layer's width, where gamma may go, the class table's width, the class cap,
-the resolution unit). A file passes when:
+the resolution unit). The file format itself is :mod:`difffit.adapter_format`'s
+(read with safetensors' numpy API). A file passes when:
 
-- its header parses (:func:`adapters_store.adapter_file.read_header`: tensors
-  tile the data, offsets and sizes agree) and it is this project's format;
+- safetensors reads it and it is a DiffFit adapter (:func:`adapter_format.validate`:
+  format and version, metadata, float32 tensors named by the naming rule, a
+  class table of len(class_names) + 1 rows);
 - it was trained on this base (same content hash);
-- every tensor is float32, named after a layer of the base with that layer's
-  width (every bias present, gamma only where placeable), the class table is
-  [len(class_names) + 1, hidden_size] within the class cap;
-- every value is finite (read with safetensors' numpy API);
+- every tensor fits the base (:func:`adapter_format.check_shapes`: every bias
+  present with its layer's width, gamma only where placeable, the class table
+  [classes + 1, hidden_size]) within the class cap;
+- every value is finite;
 - method and resolution are ones this base serves.
 """
 
@@ -21,13 +23,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from adapters_store.adapter_file import read_header
+from difffit.adapter_format import CLASS_TABLE, check_shapes, read_adapter, read_header, tensor_name, validate
 from difffit.contract import AdapterSpec
 from difffit.errors import IncompatibleAdapter, InvalidRequest
 
-FORMAT = "difffit-adapter"
-FORMAT_VERSION = 1
-CLASS_TABLE = "class_table"
 METHODS = ("difffit", "bitfit")
 
 
@@ -50,13 +49,18 @@ def _bad(message: str) -> InvalidRequest:
 def read_adapter_header(data: bytes) -> dict[str, Any]:
     """The parsed header of a file in this project's format (no base needed); InvalidRequest otherwise."""
     header = read_header(data)
-    meta = header["metadata"]
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise _bad(
-            f"format {meta.get('format')!r} version {meta.get('format_version')!r}; "
-            f"expected {FORMAT!r} version {FORMAT_VERSION}"
-        )
+    validate(header)
     return header
+
+
+def spec_shapes(spec: AdapterSpec) -> tuple[dict[str, tuple[int | None, ...]], set[str]]:
+    """(allowed name -> shape, required names) of an adapter for the base `spec` describes."""
+    shapes: dict[str, tuple[int | None, ...]] = {tensor_name(n, "bias"): (w,) for n, w in spec.layers.items()}
+    for name in spec.gamma_layers:
+        shapes[tensor_name(name, "gamma")] = (spec.layers[name],)
+    shapes[CLASS_TABLE] = (None, spec.hidden_size)
+    required = {tensor_name(n, "bias") for n in spec.layers} | {CLASS_TABLE}
+    return shapes, required
 
 
 def check_adapter(data: bytes, base_hash: str, spec: AdapterSpec) -> CheckedAdapter:
@@ -85,54 +89,13 @@ def check_adapter(data: bytes, base_hash: str, spec: AdapterSpec) -> CheckedAdap
     if not isinstance(resolution, int) or resolution <= 0 or resolution % unit:
         raise IncompatibleAdapter(f"resolution {resolution!r} is not a positive multiple of {unit}")
 
-    _check_tensors(tensors, spec, len(class_names))
-    _check_finite(data)
+    if len(class_names) > spec.max_classes:
+        raise IncompatibleAdapter(
+            f"the adapter has {len(class_names)} classes; this deployment allows at most "
+            f"{spec.max_classes} (DIFFFIT_MAX_CLASSES)"
+        )
+    allowed, required = spec_shapes(spec)
+    check_shapes({n: tuple(t["shape"]) for n, t in tensors.items()}, allowed, required)
+    read_adapter(data)  # every value finite (NaN or infinity: InvalidRequest)
     trainable = sum(math.prod(t["shape"]) for t in tensors.values())
     return CheckedAdapter(meta, list(class_names), method, resolution, trainable, base_hash)
-
-
-def _check_tensors(tensors: dict[str, dict[str, Any]], spec: AdapterSpec, num_classes: int) -> None:
-    for name, info in tensors.items():
-        if info["dtype"] != "F32":
-            raise _bad(f"tensor {name!r} is {info['dtype']}; adapter tensors are float32 (F32)")
-    table = tensors.get(CLASS_TABLE)
-    expected = [num_classes + 1, spec.hidden_size]
-    if table is None or table["shape"] != expected:
-        got = None if table is None else table["shape"]
-        raise IncompatibleAdapter(f"class_table must have shape {expected} (classes + null row); got {got}")
-    if num_classes > spec.max_classes:
-        raise IncompatibleAdapter(
-            f"the adapter has {num_classes} classes; this deployment allows at most {spec.max_classes} "
-            "(DIFFFIT_MAX_CLASSES)"
-        )
-    missing = [f"{layer}.bias" for layer in spec.layers if f"{layer}.bias" not in tensors]
-    if missing:
-        raise IncompatibleAdapter(
-            f"the adapter lacks {len(missing)} bias tensors of this base, e.g. {missing[0]}"
-        )
-    gamma_ok = set(spec.gamma_layers)
-    for name, info in tensors.items():
-        if name == CLASS_TABLE:
-            continue
-        layer, _, kind = name.rpartition(".")
-        width = spec.layers.get(layer)
-        if width is None or kind not in ("bias", "gamma"):
-            raise IncompatibleAdapter(f"tensor {name!r} matches no layer of this base")
-        if kind == "gamma" and layer not in gamma_ok:
-            raise IncompatibleAdapter(f"gamma is not allowed on {layer}")
-        if info["shape"] != [width]:
-            raise IncompatibleAdapter(f"{name} has shape {info['shape']}; this base expects [{width}]")
-
-
-def _check_finite(data: bytes) -> None:
-    import numpy as np
-    from safetensors.numpy import load
-
-    try:
-        arrays = load(data)
-    except Exception as exc:  # safetensors' own parse errors
-        raise _bad(f"safetensors could not read it ({exc})") from None
-    for name, array in arrays.items():
-        if not np.isfinite(array).all():
-            bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
-            raise _bad(f"tensor {name!r} has {bad} non-finite values (NaN or infinity)")

@@ -77,11 +77,15 @@ def _nan(t, m):
     ("data", "code", "words"),
     [
         (adapter_file(base_hash="d" * 64), "incompatible-adapter", "trained on base"),
-        (adapter_file(tweak=lambda t, m: t.pop("proj_out_2.bias")), "incompatible-adapter", "lacks 1 bias"),
+        (
+            adapter_file(tweak=lambda t, m: t.pop("proj_out_2.bias")),
+            "incompatible-adapter",
+            "lacks 1 tensors, e.g. proj_out_2.bias",
+        ),
         (
             adapter_file(tweak=lambda t, m: t.update({"proj_out_2.bias": np.zeros(5, np.float32)})),
             "incompatible-adapter",
-            "expects [4]",
+            "the base expects (4,)",
         ),
         (
             adapter_file(tweak=lambda t, m: t.update({"pos_embed.proj.gamma": np.ones(8, np.float32)})),
@@ -94,12 +98,16 @@ def _nan(t, m):
             "no layer",
         ),
         (adapter_file(classes=list("abcdefg")), "incompatible-adapter", "at most 5"),
-        (adapter_file(tweak=lambda t, m: m.update(class_names=["x"])), "incompatible-adapter", "class_table"),
-        (adapter_file(tweak=_nan), "invalid-request", "non-finite"),
+        (
+            adapter_file(tweak=lambda t, m: t.update({"class_table": np.zeros((3, 9), np.float32)})),
+            "incompatible-adapter",
+            "class_table has shape (3, 9); the base expects ('*', 8)",
+        ),
+        (adapter_file(tweak=_nan), "invalid-request", "NaN or infinite"),
         (
             adapter_file(tweak=lambda t, m: t.update({"proj_out_2.bias": np.zeros(4, np.float16)})),
             "invalid-request",
-            "float32",
+            "adapter tensors are F32",
         ),
         (adapter_file(tweak=lambda t, m: m.update(format="lora")), "invalid-request", "format 'lora'"),
         (b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all", "invalid-request", "not a valid adapter file"),

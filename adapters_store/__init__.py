@@ -9,10 +9,12 @@ re-exported here for the store's callers.
 from adapters_store.blobstore import BlobStore, FileBlobStore, blob_store_from_settings, open_blob_store
 from adapters_store.records import (
     AdapterRecord,
+    DatasetRecord,
     JobEvent,
     JobRecord,
     TenantRecord,
     VersionRecord,
+    WebhookDeliveryRecord,
 )
 from adapters_store.registry import Registry
 from difffit.adapter_format import read_header, read_header_file
@@ -20,6 +22,7 @@ from difffit.adapter_format import read_header, read_header_file
 __all__ = [
     "AdapterRecord",
     "BlobStore",
+    "DatasetRecord",
     "FileBlobStore",
     "JobEvent",
     "JobRecord",
@@ -28,6 +31,7 @@ __all__ = [
     "VersionRecord",
     "blob_store_from_settings",
     "open_blob_store",
+    "WebhookDeliveryRecord",
     "read_header",
     "read_header_file",
 ]

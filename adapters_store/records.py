@@ -103,3 +103,34 @@ class JobEvent(_Record):
     created_at: datetime
     kind: str
     data: dict[str, Any]
+
+
+class DatasetRecord(_Record):
+    """An uploaded data set: its archive blob and what validation found in it."""
+
+    id: str
+    tenant_id: int
+    filename: str | None
+    sha256: str
+    size_bytes: int
+    class_names: list[str]
+    class_counts: list[int]
+    images: int
+    created_at: datetime
+
+
+class WebhookDeliveryRecord(_Record):
+    """One webhook call of the outbox (a job's terminal state, to one URL)."""
+
+    id: int
+    job_id: str
+    tenant_id: int
+    url: str
+    event: str
+    state: str
+    attempts: int
+    next_attempt_at: datetime
+    last_status: int | None
+    last_error: str | None
+    created_at: datetime
+    delivered_at: datetime | None

@@ -13,8 +13,10 @@ from typing import TYPE_CHECKING
 from adapters_store.db import Database, schema_revision, upgrade_engine, upgrade_schema
 from adapters_store.registry_adapters import AdapterOps
 from adapters_store.registry_blobs import BlobRefOps
+from adapters_store.registry_datasets import DatasetOps
 from adapters_store.registry_jobs import JobOps
 from adapters_store.registry_tenants import TenantOps
+from adapters_store.registry_webhooks import WebhookOps
 
 if TYPE_CHECKING:
     from difffit.settings import Settings
@@ -23,8 +25,9 @@ if TYPE_CHECKING:
 __all__ = ["Registry", "upgrade_schema"]
 
 
-class Registry(TenantOps, AdapterOps, JobOps, BlobRefOps):
-    """Tenants, API keys, adapters with immutable versions, and jobs.
+class Registry(TenantOps, AdapterOps, JobOps, BlobRefOps, DatasetOps, WebhookOps):
+    """Tenants, API keys, adapters with immutable versions, jobs, blob references,
+    uploaded data sets and the webhook outbox.
 
     Works on SQLite (the embedded default: foreign keys on, WAL journal)
     and PostgreSQL. Raises the typed errors of `difffit.errors`.

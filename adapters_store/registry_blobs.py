@@ -5,9 +5,11 @@
 - an adapter version's adapter file (``adapter_versions.sha256``),
 - the files attached to a version (``adapter_versions.files``: sample grid,
   loss curve, ...),
-- a job's latest checkpoint (``jobs.checkpoint_sha256``).
+- a job's latest checkpoint (``jobs.checkpoint_sha256``),
+- an uploaded data set's archive (``datasets.sha256``),
+- a training preview grid named by a job's ``preview`` event.
 
-A new kind of reference (uploaded data sets, say) is added there, and its
+A new kind of reference is added there, and its
 writer follows the protocol below; gc, deletes and tenant purges then
 respect it without further change.
 
@@ -37,7 +39,7 @@ from sqlalchemy.orm import Session
 
 from adapters_store.blobstore.base import check_sha
 from adapters_store.db import Database
-from adapters_store.models import AdapterVersion, Job
+from adapters_store.models import AdapterVersion, Dataset, Job, JobEventRow
 from difffit.errors import InvalidRequest
 
 # pg_advisory_xact_lock key of blob references (distinct from the migration lock).
@@ -65,11 +67,14 @@ def _referenced(s: Session, among: list[str] | None) -> set[str]:
     adapters = select(AdapterVersion.sha256)
     files = select(AdapterVersion.files)
     checkpoints = select(Job.checkpoint_sha256).where(Job.checkpoint_sha256.is_not(None))
+    datasets = select(Dataset.sha256)
+    previews = select(JobEventRow.data).where(JobEventRow.kind == "preview")
     if among is not None:
         if not among:
             return refs
         adapters = adapters.where(AdapterVersion.sha256.in_(among))
         checkpoints = checkpoints.where(Job.checkpoint_sha256.in_(among))
+        datasets = datasets.where(Dataset.sha256.in_(among))
         if len(among) <= _LIKE_LIMIT:
             # A substring test on the JSON text is portable across backends and
             # exact enough: a 64-hex digest cannot occur by accident.
@@ -78,6 +83,8 @@ def _referenced(s: Session, among: list[str] | None) -> set[str]:
     for attached in s.scalars(files):
         refs.update(dict(attached or {}).values())
     refs.update(s.scalars(checkpoints))
+    refs.update(s.scalars(datasets))
+    refs.update(str(d["sha256"]) for d in s.scalars(previews) if isinstance(d, dict) and d.get("sha256"))
     return refs if among is None else refs & set(among)
 
 
@@ -99,7 +106,7 @@ class BlobRefOps:
         return self._db.read(lambda s: _referenced(s, cands))
 
     def blob_in_use(self, sha256: str) -> bool:
-        """Whether any version (blob or attached file) or job checkpoint references `sha256`."""
+        """Whether any version (blob or attached file), job checkpoint, data set or preview references `sha256`."""
         try:
             cands = _candidates([sha256])
         except InvalidRequest:

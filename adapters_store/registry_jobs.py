@@ -15,6 +15,7 @@ from adapters_store.models import Job, JobEventRow, Tenant, utcnow
 from adapters_store.records import JobEvent, JobRecord
 from adapters_store.registry_blobs import lock_blob_refs
 from adapters_store.registry_tenants import validate_name
+from adapters_store.registry_webhooks import enqueue_terminal_webhook
 from difffit.contract import TERMINAL_JOB_STATES, JobState
 from difffit.errors import Conflict, InvalidRequest, JobNotFound, TenantNotFound
 
@@ -209,6 +210,8 @@ class JobOps:
             if new_state in TERMINAL_JOB_STATES and "finished_at" not in fields:
                 row.finished_at = now
             row.updated_at = now
+            if new_state in TERMINAL_JOB_STATES:
+                enqueue_terminal_webhook(s, row)
             s.flush()
             return job_record(row)
 
@@ -261,6 +264,7 @@ class JobOps:
             if row.state == "queued":
                 row.state = "cancelled"
                 row.finished_at = now
+                enqueue_terminal_webhook(s, row)
             row.updated_at = now
             s.flush()
             return job_record(row)
@@ -295,6 +299,16 @@ class JobOps:
                 .order_by(JobEventRow.id)
             )
             return [_event_record(r) for r in rows]
+
+        return self._db.read(fn)
+
+    def preview_blob_shas(self) -> set[str]:
+        """The sha256 of every preview grid a job's ``preview`` event names, all tenants:
+        blobs a garbage collector must keep while those events exist."""
+
+        def fn(s: Session) -> set[str]:
+            rows = s.scalars(select(JobEventRow.data).where(JobEventRow.kind == "preview"))
+            return {str(d["sha256"]) for d in rows if isinstance(d, dict) and d.get("sha256")}
 
         return self._db.read(fn)
 

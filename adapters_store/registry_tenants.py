@@ -10,7 +10,17 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from adapters_store.db import Database
-from adapters_store.models import Adapter, AdapterVersion, ApiKey, Job, JobEventRow, Tenant, utcnow
+from adapters_store.models import (
+    Adapter,
+    AdapterVersion,
+    ApiKey,
+    Dataset,
+    Job,
+    JobEventRow,
+    Tenant,
+    WebhookDelivery,
+    utcnow,
+)
 from adapters_store.records import TenantRecord
 from adapters_store.registry_blobs import version_blobs
 from difffit.contract import NAME_PATTERN
@@ -82,7 +92,8 @@ class TenantOps:
         return self._db.write(fn)
 
     def purge_tenant(self, name: str) -> list[str]:
-        """Delete a tenant with its keys, adapters, versions, jobs and job events.
+        """Delete a tenant with its keys, adapters, versions, jobs, job events, uploaded
+        data sets and webhook deliveries.
 
         Returns the sha256s those rows referenced, for the caller to free
         (`adapters_store.lifecycle.purge_tenant`). Rows are deleted
@@ -102,6 +113,19 @@ class TenantOps:
                 Job.tenant_id == tenant.id, Job.checkpoint_sha256.is_not(None)
             )
             shas.update(dict.fromkeys(s.scalars(checkpoints)))
+            shas.update(
+                dict.fromkeys(s.scalars(select(Dataset.sha256).where(Dataset.tenant_id == tenant.id)))
+            )
+            previews = select(JobEventRow.data).where(
+                JobEventRow.job_id.in_(job_ids), JobEventRow.kind == "preview"
+            )
+            shas.update(
+                dict.fromkeys(
+                    str(d["sha256"]) for d in s.scalars(previews) if isinstance(d, dict) and d.get("sha256")
+                )
+            )
+            s.execute(delete(WebhookDelivery).where(WebhookDelivery.tenant_id == tenant.id))
+            s.execute(delete(Dataset).where(Dataset.tenant_id == tenant.id))
             s.execute(delete(JobEventRow).where(JobEventRow.job_id.in_(job_ids)))
             s.execute(delete(Job).where(Job.tenant_id == tenant.id))
             s.execute(delete(AdapterVersion).where(AdapterVersion.adapter_id.in_(adapter_ids)))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Celery task names and queues. The service enqueues by name only.
 GENERATE_TASK = "difffit.generate"
@@ -60,7 +60,16 @@ class FinetuneRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    dataset_url: str = Field(..., min_length=1, max_length=2048, description="zip or tar(.gz) URL.")
+    dataset_url: str | None = Field(
+        None, min_length=1, max_length=2048, description="zip or tar(.gz) URL (or give `dataset_id`)."
+    )
+    dataset_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=40,
+        pattern=r"^ds_[0-9a-f]{1,37}$",
+        description="An uploaded data set (`POST /datasets`) instead of `dataset_url`.",
+    )
     adapter: str = Field(
         ...,
         min_length=1,
@@ -80,6 +89,24 @@ class FinetuneRequest(BaseModel):
     seed: int = Field(0, ge=0, le=2**31 - 1)
     ema: bool = Field(False, description="Keep an EMA of the adapter tensors and save it.")
     checkpoint_every: int | None = Field(None, ge=1, description="Steps between checkpoints.")
+    preview_every: int | None = Field(
+        None,
+        ge=1,
+        description="Every this many steps, sample a small preview grid with the adapter being "
+        "trained and send it as a `preview` event (off when unset).",
+    )
+    webhook_url: str | None = Field(
+        None,
+        min_length=1,
+        max_length=2048,
+        description="http(s) URL that gets a signed POST of the job when it ends (any terminal state).",
+    )
+
+    @model_validator(mode="after")
+    def _one_dataset(self) -> FinetuneRequest:
+        if (self.dataset_url is None) == (self.dataset_id is None):
+            raise ValueError("give exactly one of dataset_url and dataset_id")
+        return self
 
     def resolved_placement(self) -> Placement:
         """The placement actually used for this method."""
@@ -128,6 +155,22 @@ class FinetuneTask(BaseModel):
     job_id: str
 
 
+class AdapterSpec(BaseModel):
+    """The tensors an adapter of the resident base may have, published by the workers.
+
+    ``layers`` maps each adapted layer to its width: the layer's ``.bias``
+    [width] is required, its ``.gamma`` [width] allowed only for the layers in
+    ``gamma_layers``; ``class_table`` is [num_classes + 1, hidden_size].
+    """
+
+    layers: dict[str, int] = Field(default_factory=dict)
+    gamma_layers: list[str] = Field(default_factory=list)
+    hidden_size: int = 0
+    max_classes: int = 0
+    resolution: int = 0
+    resolution_unit: int = 1
+
+
 class WorkerStats(BaseModel):
     """A worker's engine statistics, as published to Redis."""
 
@@ -146,3 +189,6 @@ class WorkerStats(BaseModel):
     base_model: str = ""
     base_hash: str = ""
     class_names: list[str] = Field(default_factory=list, description="The base model's classes.")
+    adapter_spec: AdapterSpec | None = Field(
+        None, description="What an adapter file for this base must hold (checked by imports)."
+    )

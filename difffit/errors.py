@@ -40,6 +40,10 @@ class TenantNotFound(NotFound):
     code = "tenant-not-found"
 
 
+class DatasetNotFound(NotFound):
+    code = "dataset-not-found"
+
+
 class Unauthorized(DiffFitError):
     code = "unauthorized"
 
@@ -70,6 +74,12 @@ class CorruptBlob(DiffFitError):
 
 class Conflict(DiffFitError):
     code = "conflict"
+
+
+class PayloadTooLarge(DiffFitError):
+    """An upload above the server's size limit (the body is not read past it)."""
+
+    code = "payload-too-large"
 
 
 class Overloaded(DiffFitError):

@@ -107,6 +107,20 @@ class Settings(BaseSettings):
         2 * 1024**3, description="Largest total uncompressed size of a dataset archive."
     )
     dataset_timeout_s: float = Field(300.0, description="Dataset download time limit.")
+    adapter_max_bytes: int = Field(
+        256 * 1024**2, description="Largest adapter file accepted by POST /adapters/{name}/versions."
+    )
+
+    # --- webhooks ------------------------------------------------------------
+    webhook_dispatch: bool = Field(
+        True, description="Run the webhook dispatcher (a thread) in this API process."
+    )
+    webhook_timeout_s: float = Field(10.0, gt=0, description="Time limit of one webhook call.")
+    webhook_max_attempts: int = Field(8, ge=1, description="Webhook calls per delivery before it fails.")
+    webhook_backoff_s: float = Field(
+        5.0, gt=0, description="Delay before the first webhook retry; doubles each attempt (at most 1 h)."
+    )
+    webhook_poll_s: float = Field(1.0, gt=0, description="How often the dispatcher looks for due webhooks.")
 
     # --- API ---------------------------------------------------------------
     api_host: str = Field("127.0.0.1", description="Bind address of `difffit serve`'s API.")

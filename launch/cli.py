@@ -9,6 +9,7 @@
     difffit export TENANT ADAPTER --out DIR [--version N]
     difffit gc [--dry-run] [--grace-s S] [--every S]
                                         remove blobs nothing references (adapters_store.gc)
+    difffit finetune | generate | download | import ...   a tenant's verbs (launch.tenant_cli)
 
 Torch is imported only by the subcommands that need it (params, export).
 """
@@ -159,14 +160,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--every", type=float, default=None, help="repeat every this many seconds (a sidecar)")
     p.set_defaults(func=_gc)
+    from launch.tenant_cli import add_tenant_commands
+
+    add_tenant_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `difffit` console script."""
+    import httpx
+
+    from difffit.client import APIError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except APIError as exc:
+        print(f"error ({exc.code}): {exc.detail}", file=sys.stderr)
+        return 2
+    except httpx.TransportError as exc:
+        print(f"error: cannot reach the server: {exc}", file=sys.stderr)
+        return 2
     except DiffFitError as exc:
         print(f"error ({exc.code}): {exc.message}", file=sys.stderr)
         return 2

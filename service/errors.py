@@ -16,6 +16,7 @@ Forbidden                                                 403
 InvalidRequest, InvalidDataset, IncompatibleAdapter,      422
 request validation errors (type ``invalid-request``)
 Conflict                                                  409
+PayloadTooLarge (an upload over its size limit)           413
 Overloaded (with ``Retry-After``)                         429
 CorruptBlob, any other DiffFitError, unexpected errors    500
 BackendUnavailable (with ``Retry-After``)                 503
@@ -59,6 +60,7 @@ STATUS_BY_ERROR: list[tuple[type[E.DiffFitError], int]] = [
     (E.InvalidDataset, 422),
     (E.IncompatibleAdapter, 422),
     (E.Conflict, 409),
+    (E.PayloadTooLarge, 413),
     (E.Overloaded, 429),
     (E.BackendUnavailable, 503),
     (E.GenerationTimeout, 504),

@@ -22,14 +22,28 @@ from difffit.settings import Settings, get_settings
 from service.errors import install_error_handlers
 from service.metrics import Metrics, MetricsMiddleware
 from service.middleware import RequestContextMiddleware
-from service.routes import adapters, admin, finetune, generate, health, jobs
+from service.routes import (
+    adapter_import,
+    adapters,
+    admin,
+    datasets,
+    finetune,
+    generate,
+    health,
+    jobs,
+    openai_images,
+    ui,
+    webhooks,
+)
 
 API_VERSION = "0.1.0"
 
 TAGS = [
     {"name": "jobs", "description": "Fine-tune DiffFit adapters and follow the jobs."},
+    {"name": "datasets", "description": "Upload data sets (zip or tar, one folder per class)."},
     {"name": "generate", "description": "Sample images from the base model or an adapter."},
     {"name": "adapters", "description": "The tenant's adapters and their immutable versions."},
+    {"name": "webhooks", "description": "The secret that signs the tenant's webhooks."},
     {"name": "health", "description": "Liveness, readiness and Prometheus metrics."},
     {"name": "admin", "description": "Operators: tenants and API keys (`DIFFFIT_ADMIN_KEY`)."},
 ]
@@ -41,7 +55,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        dispatcher = None
+        if settings.webhook_dispatch:
+            from adapters_store import Registry
+            from service.webhooks import WebhookDispatcher
+
+            if app.state.registry is None:
+                app.state.registry = Registry.from_settings(settings)
+            dispatcher = WebhookDispatcher(app.state.registry, settings).start()
         yield
+        if dispatcher is not None:
+            dispatcher.stop()
         queue = getattr(app.state, "queue", None)
         if queue is not None and hasattr(queue, "close"):
             queue.close()
@@ -65,12 +89,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Added last = outermost: its request id covers every log line of the request.
     app.add_middleware(RequestContextMiddleware)
 
+    app.include_router(datasets.router)
     app.include_router(finetune.router)
     app.include_router(jobs.router)
     app.include_router(generate.router)
+    app.include_router(openai_images.router)
     app.include_router(adapters.router)
+    app.include_router(adapter_import.router)
+    app.include_router(webhooks.router)
     app.include_router(health.router)
     app.include_router(admin.router)
+    app.include_router(ui.router)
+    app.mount(ui.STATIC, ui.static_files(), name="ui-static")
     logging.getLogger("difffit").setLevel(settings.log_level.upper())
     return app
 

@@ -87,6 +87,24 @@ class AdapterList(_Out):
     adapters: list[AdapterSummary]
 
 
+# --- datasets -----------------------------------------------------------------
+class Dataset(_Out):
+    """An uploaded data set, validated (pass its `id` as `dataset_id` to `POST /finetune`)."""
+
+    id: str
+    sha256: str = Field(..., description="sha256 of the archive as uploaded.")
+    filename: str | None = Field(None, description="The uploaded file's name, if the client sent one.")
+    size_bytes: int
+    classes: list[str] = Field(..., description="Class names: the folder names, sorted.")
+    class_counts: list[int] = Field(..., description="Images per class, in the order of `classes`.")
+    images: int
+    created_at: datetime | None = None
+
+
+class DatasetList(_Out):
+    datasets: list[Dataset]
+
+
 # --- generate -----------------------------------------------------------------
 class GenerateResponse(_Out):
     """JSON answer of ``POST /generate`` (when JSON is asked for or n > 1)."""
@@ -112,6 +130,18 @@ class GenerateStatus(_Out):
     state: Literal["pending", "succeeded"]
     images: list[str] = Field(default_factory=list, description="Base64 PNGs once succeeded.")
     seconds: float | None = None
+
+
+# --- webhooks -----------------------------------------------------------------
+class WebhookSecret(_Out):
+    """The tenant's webhook signing secret and how it signs."""
+
+    secret: str
+    header: str = Field("X-DiffFit-Signature", description="The header that carries the signature.")
+    scheme: str = Field(
+        "sha256=<hex HMAC-SHA256 of the raw request body under the secret>",
+        description="What the header's value is.",
+    )
 
 
 # --- health -------------------------------------------------------------------
@@ -154,6 +184,9 @@ class TenantCreated(_Out):
     name: str
     api_key: str
     key_prefix: str = Field(..., description="What `DELETE /admin/keys/{prefix}` takes to revoke it.")
+    webhook_secret: str | None = Field(
+        None, description="Signs the tenant's webhooks (also at `GET /webhooks/secret`)."
+    )
 
 
 class KeyCreated(_Out):

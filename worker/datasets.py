@@ -8,38 +8,30 @@ says what is wrong and, for bad images, which files.
 
 from __future__ import annotations
 
-import gzip
 import io
-import ipaddress
-import socket
-import tarfile
 import tempfile
 import threading
 import time
 import urllib.parse
-import zipfile
-import zlib
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from difffit.archives import (  # noqa: F401 - re-exported: the intake's public names
+    IMAGE_SUFFIXES,
+    MAX_COMPRESSION_RATIO,
+    check_public_host,
+    class_files,
+    class_folders,
+    extract,
+)
 from difffit.errors import InvalidDataset
 from difffit.settings import Settings
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 MAX_REDIRECTS = 5
 Image.MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard: PIL raises above 2x this
-# Zip-bomb guard: refuse archives that unpack to more than this many times their size.
-# Real image data sets (PNG/JPEG are already compressed) come close to 1:1.
-MAX_COMPRESSION_RATIO = 100
-# Below this many unpacked bytes the ratio is not checked: such an archive is harmless
-# whatever its ratio, and a few solid-colour BMPs can compress 1000:1.
-RATIO_FLOOR_BYTES = 8 * 1024**2
-COPY_CHUNK = 1024**2
-# Errors a damaged or truncated archive raises while it is read.
-ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, gzip.BadGzipFile)
 
 
 @dataclass
@@ -134,154 +126,6 @@ def _too_slow(url: str, settings: Settings) -> InvalidDataset:
     )
 
 
-def check_public_host(url: str, settings: Settings) -> None:
-    """Refuse URLs whose host resolves to loopback, private, link-local or metadata addresses.
-
-    Checked before the first request and again after every redirect, since a
-    public URL may redirect to an internal one. DIFFFIT_ALLOW_PRIVATE_URLS lifts it.
-    """
-    parsed = urllib.parse.urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise InvalidDataset(f"dataset_url must be an http(s) URL with a host; got {url!r}")
-    if settings.allow_private_urls:
-        return
-    try:
-        infos = socket.getaddrinfo(parsed.hostname, parsed.port or 443, proto=socket.IPPROTO_TCP)
-    except socket.gaierror as exc:
-        raise InvalidDataset(f"cannot resolve dataset host {parsed.hostname!r}") from exc
-    for info in infos:
-        ip = ipaddress.ip_address(info[4][0])
-        if not ip.is_global or ip.is_multicast:
-            raise InvalidDataset(
-                f"dataset host {parsed.hostname!r} resolves to the non-public address {ip}; "
-                "refused (DIFFFIT_ALLOW_PRIVATE_URLS allows it)"
-            )
-
-
-def _safe_member(name: str) -> PurePosixPath:
-    path = PurePosixPath(name)
-    if path.is_absolute() or ".." in path.parts:
-        raise InvalidDataset(f"archive member {name!r} has an absolute or '..' path")
-    return path
-
-
-class _Budget:
-    """Running totals of an extraction, checked against the file, size and ratio caps."""
-
-    def __init__(self, compressed: int, settings: Settings):
-        self.compressed = max(compressed, 1)
-        self.settings = settings
-        self.files = 0
-        self.bytes = 0
-
-    def add_file(self, name: str, declared: int) -> None:
-        """Count one member before it is written, by the size its header declares."""
-        self.files += 1
-        if self.files > self.settings.dataset_max_files:
-            raise InvalidDataset(f"archive has more than {self.settings.dataset_max_files} files")
-        self.check(name, self.bytes + declared)
-
-    def add_bytes(self, name: str, n: int) -> None:
-        """Count bytes actually written (a header may understate its member's size)."""
-        self.bytes += n
-        self.check(name, self.bytes)
-
-    def check(self, name: str, total: int) -> None:
-        cap = self.settings.dataset_max_unpacked_bytes
-        if total > cap:
-            raise InvalidDataset(f"archive unpacks to more than {cap} bytes (at member {name!r})")
-        ratio = total / self.compressed
-        if total > RATIO_FLOOR_BYTES and ratio > MAX_COMPRESSION_RATIO:
-            raise InvalidDataset(
-                f"archive member {name!r} takes the archive to a compression ratio of {ratio:.0f}:1 "
-                f"({total} bytes from {self.compressed}); more than {MAX_COMPRESSION_RATIO}:1 is "
-                "refused as a likely zip bomb"
-            )
-
-    def copy(self, name: str, src, target: Path) -> None:
-        """Stream one member to disk, counting as it goes."""
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target, "wb") as out:
-            while chunk := src.read(COPY_CHUNK):
-                self.add_bytes(name, len(chunk))
-                out.write(chunk)
-
-
-def extract(data: bytes, dest: Path, settings: Settings) -> None:
-    """Unpack a zip or tar(.gz) into `dest`, refusing unsafe, oversized or bomb-like archives.
-
-    Caps: number of files, total unpacked bytes, and the compression ratio
-    (unpacked / archive bytes, :data:`MAX_COMPRESSION_RATIO`). A zip declares
-    every size in its directory, so it is judged before anything is written;
-    a tar(.gz) is judged member by member as it streams, and the actual bytes
-    written are counted in both cases.
-    """
-    budget = _Budget(len(data), settings)
-    try:
-        if zipfile.is_zipfile(io.BytesIO(data)):
-            _extract_zip(data, dest, budget)
-        else:
-            _extract_tar(data, dest, budget)
-    except ARCHIVE_ERRORS as exc:
-        raise InvalidDataset(f"archive is damaged or truncated: {exc}") from exc
-
-
-def _extract_zip(data: bytes, dest: Path, budget: _Budget) -> None:
-    with zipfile.ZipFile(io.BytesIO(data)) as zf:
-        # Up-front pass: judge the declared sizes before writing anything.
-        members = []
-        declared = _Budget(budget.compressed, budget.settings)
-        for info in zf.infolist():
-            path = _safe_member(info.filename)
-            if info.is_dir():
-                continue
-            if (info.external_attr >> 16) & 0o170000 == 0o120000:
-                raise InvalidDataset(f"archive member {info.filename!r} is a symbolic link")
-            declared.add_file(info.filename, info.file_size)
-            declared.add_bytes(info.filename, info.file_size)
-            members.append((info, path))
-        for info, path in members:
-            budget.add_file(info.filename, info.file_size)
-            with zf.open(info) as src:
-                budget.copy(info.filename, src, dest / path)
-
-
-def _extract_tar(data: bytes, dest: Path, budget: _Budget) -> None:
-    try:
-        tf = tarfile.open(fileobj=io.BytesIO(data), mode="r:*")  # noqa: SIM115 - closed below
-    except tarfile.TarError as exc:
-        raise InvalidDataset("dataset is neither a zip nor a tar(.gz) archive") from exc
-    with tf:
-        # Iterate (not getmembers()) so a bomb is stopped at its first big member
-        # instead of being decompressed end to end just to list it.
-        for member in tf:
-            path = _safe_member(member.name)
-            if member.isdir():
-                continue
-            if member.issym():
-                raise InvalidDataset(f"archive member {member.name!r} is a symbolic link")
-            if member.islnk():
-                raise InvalidDataset(f"archive member {member.name!r} is a hard link")
-            if not member.isfile():
-                raise InvalidDataset(f"archive member {member.name!r} is a special file")
-            budget.add_file(member.name, member.size)
-            src = tf.extractfile(member)
-            assert src is not None  # regular files always have data
-            with src:
-                budget.copy(member.name, src, dest / path)
-
-
-def class_folders(root: Path) -> list[Path]:
-    """The class folders: subfolders of root, or of its single top folder."""
-    dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "__")))
-    files = [p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
-    if len(dirs) == 1 and not files:
-        inner = sorted(p for p in dirs[0].iterdir() if p.is_dir() and not p.name.startswith((".", "__")))
-        if inner:
-            return inner
-    return dirs
-
-
 def load_image(path: Path, channels: int, size: int) -> np.ndarray:
     """Decode, convert (any mode) to L or RGB, center-crop and resize: [C, size, size] in [-1, 1].
 
@@ -320,7 +164,7 @@ def load_image_folders(root: Path, channels: int, size: int, max_bad_listed: int
     names = [f.name for f in folders]
     empty = []
     for label, folder in enumerate(folders):
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+        files = class_files(folder)
         found = 0
         for path in files:
             try:
@@ -346,9 +190,13 @@ def load_image_folders(root: Path, channels: int, size: int, max_bad_listed: int
     return ImageSet(np.stack(pixels), np.asarray(labels, dtype=np.int64), names)
 
 
-def load_dataset(url: str, settings: Settings, channels: int, size: int) -> ImageSet:
-    """Fetch, unpack and decode a dataset URL (the whole intake, for the finetune task)."""
-    data = fetch(url, settings)
+def load_archive(data: bytes | Path, settings: Settings, channels: int, size: int) -> ImageSet:
+    """Unpack (within the caps) and decode an archive given as bytes or as a file path."""
     with tempfile.TemporaryDirectory(prefix="difffit-ds-") as tmp:
         extract(data, Path(tmp), settings)
         return load_image_folders(Path(tmp), channels, size)
+
+
+def load_dataset(url: str, settings: Settings, channels: int, size: int) -> ImageSet:
+    """Fetch, unpack and decode a dataset URL (the whole intake, for the finetune task)."""
+    return load_archive(fetch(url, settings), settings, channels, size)

@@ -36,7 +36,8 @@ from core.engine.sampling import SampleRequest
 from core.engine.training import TrainingData, TrainingRun
 from difffit.contract import TERMINAL_JOB_STATES, FinetuneRequest
 from difffit.errors import DiffFitError, InvalidDataset, JobCancelled, JobNotFound
-from worker.datasets import ImageSet, load_dataset
+from worker.datasets import ImageSet, load_archive, load_dataset
+from worker.previews import PreviewSampler, ProgressEvents
 
 log = logging.getLogger(__name__)
 GRID_CLASSES, GRID_PER_CLASS = 16, 4
@@ -141,7 +142,7 @@ def _train_and_register(rt, job_id: str, job) -> None:
     rt.latent_size(resolution)  # validates the resolution
 
     # 2. intake
-    images = load_dataset(request.dataset_url, settings, rt.base.image_channels, resolution)
+    images = _intake(rt, job, request, resolution)
     if len(images.class_names) > settings.max_classes:
         raise InvalidDataset(f"{len(images.class_names)} classes; at most {settings.max_classes} allowed")
     reg.add_job_event(job_id, "dataset", {"images": len(images.labels), "classes": images.class_names})
@@ -158,11 +159,13 @@ def _train_and_register(rt, job_id: str, job) -> None:
     diffusion = GaussianDiffusion.from_scheduler_config(rt.base.scheduler_config)
     every = request.checkpoint_every or settings.checkpoint_every
     run = rt.call(lambda: TrainingRun(rt.engine.model, diffusion, data, request, init, every))
+    previews = PreviewSampler(rt, job_id, data.num_classes, resolution)
+    progress = ProgressEvents(reg, job_id)
     future = rt.engine.submit_training(run)
     checkpoint = job.checkpoint_sha256
     try:
         while True:
-            # Wake for a checkpoint at once, else every 0.5 s for progress and cancel.
+            # Wake for a checkpoint at once, else every 0.5 s for progress, previews and cancel.
             if run.checkpoint_ready.wait(timeout=0.5):
                 run.checkpoint_ready.clear()
                 state = run.checkpoint
@@ -170,18 +173,32 @@ def _train_and_register(rt, job_id: str, job) -> None:
                     reg, rt.blobs, job_id, torch_bytes(state), state["step"], previous=checkpoint
                 )
                 reg.add_job_event(job_id, "checkpoint", {"step": state["step"], "sha256": checkpoint})
+            previews.poll()
+            if run.preview_ready.is_set() and previews.pending is None:
+                # The newest snapshot; those taken while one was sampling are skipped.
+                run.preview_ready.clear()
+                previews.offer(*run.preview)
             if future.done():
                 tensors = future.result()
                 break
             p = run.progress
             current = reg.update_job(job_id, step=p.step, loss=p.loss, eta_s=p.eta_s)
+            progress.maybe_send(p)
             if current.cancel_requested:
                 run.cancel.set()
+        progress.maybe_send(run.progress, force=True)
+        previews.poll(wait_s=60.0)
+        if run.preview_ready.is_set():  # the newest snapshot (the last step's) is never skipped
+            run.preview_ready.clear()
+            previews.offer(*run.preview)
+            previews.poll(wait_s=60.0)
     except BaseException:
         # Whatever stopped this loop (the job deleted, the registry or store
         # down) must not leave the engine training for nobody.
         run.cancel.set()
         raise
+    finally:
+        previews.close()
 
     # 4. finish: blobs first, then one registry write
     placement = request.resolved_placement()
@@ -231,6 +248,15 @@ def _train_and_register(rt, job_id: str, job) -> None:
         adapter_version=version.version,
     )
     reg.add_job_event(job_id, "succeeded", {"adapter": job.adapter_name, "version": version.version})
+
+
+def _intake(rt, job, request: FinetuneRequest, resolution: int) -> ImageSet:
+    """The job's images: an uploaded data set (by id, the tenant's own) or a URL."""
+    channels = rt.base.image_channels
+    if request.dataset_id is not None:
+        dataset = rt.registry.get_dataset(job.tenant_id, request.dataset_id)  # gone: dataset-not-found
+        return load_archive(rt.blobs.open_verified(dataset.sha256), rt.settings, channels, resolution)
+    return load_dataset(request.dataset_url, rt.settings, channels, resolution)
 
 
 def _retention_set(rt, n_target: int, latent_size: int, seed: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ import threading
 
 import redis
 
-from difffit.contract import WORKER_STATS_INTERVAL_S, WORKER_STATS_KEY, WorkerStats
+from difffit.contract import WORKER_STATS_INTERVAL_S, WORKER_STATS_KEY, AdapterSpec, WorkerStats
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,22 @@ class StatsPublisher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="difffit-stats", daemon=True)
 
+        self._spec: AdapterSpec | None = None
+
+    def adapter_spec(self) -> AdapterSpec:
+        """What an adapter file for this base must hold (for imports on the API side)."""
+        if self._spec is None:
+            model, base = self.runtime.engine.model, self.runtime.base
+            self._spec = AdapterSpec(
+                layers={name: int(layer.bias_bank.shape[1]) for name, layer in model.layers.items()},
+                gamma_layers=[name for name, layer in model.layers.items() if layer.gamma_placeable],
+                hidden_size=int(model.hidden_size),
+                max_classes=int(model.class_table.bank.shape[1]) - 1,
+                resolution=int(base.resolution),
+                resolution_unit=int(base.vae_scale * base.transformer.config.patch_size),
+            )
+        return self._spec
+
     def snapshot(self) -> WorkerStats:
         engine, base = self.runtime.engine, self.runtime.base
         return WorkerStats(
@@ -36,6 +52,7 @@ class StatsPublisher:
             base_model=base.model_id,
             base_hash=base.content_hash,
             class_names=base.class_names,
+            adapter_spec=self.adapter_spec(),
             **engine.stats(),
         )
 

@@ -135,6 +135,10 @@ class TrainingRun:
         self.checkpoint_every = checkpoint_every
         self.checkpoint: dict | None = None
         self.checkpoint_ready = threading.Event()
+        # Previews: the adapter as it is at every preview_every-th step (step, tensors).
+        self.preview_every = request.preview_every or 0
+        self.preview: tuple[int, dict[str, torch.Tensor]] | None = None
+        self.preview_ready = threading.Event()
         if init is not None:
             self.load_state_dict(init)
 
@@ -172,6 +176,10 @@ class TrainingRun:
         if self.checkpoint_every and self.progress.step % self.checkpoint_every == 0 and not done:
             self.checkpoint = self.state_dict()
             self.checkpoint_ready.set()
+        if self.preview_every and self.progress.step % self.preview_every == 0:
+            source = self.ema if self.ema is not None else self.params
+            self.preview = (self.progress.step, {k: v.detach().clone() for k, v in source.items()})
+            self.preview_ready.set()
         return done
 
     # -- results and checkpoints -------------------------------------------------

@@ -33,7 +33,7 @@ AdapterName = Annotated[
 ]
 
 
-FILE_TYPES = {".png": "image/png", ".json": "application/json"}
+FILE_TYPES = {".png": "image/png", ".json": "application/json", ".safetensors": "application/octet-stream"}
 #: The name under which a version's adapter file (its `sha256`) is downloaded.
 ADAPTER_FILE = "adapter.safetensors"
 

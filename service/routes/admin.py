@@ -71,10 +71,13 @@ def _tenant_out(record: TenantRecord) -> TenantOut:
     responses=problem_responses(401, 404, 409, 422),
 )
 async def create_tenant(body: TenantCreate, registry: RegistryDep, response: Response) -> TenantCreated:
-    await run_in_threadpool(registry.create_tenant, body.name)
+    tenant = await run_in_threadpool(registry.create_tenant, body.name)
     key = await run_in_threadpool(registry.create_api_key, body.name)
+    secret = await run_in_threadpool(registry.webhook_secret, tenant.id)
     response.headers["Location"] = f"/admin/tenants/{body.name}"
-    return TenantCreated(name=body.name, api_key=key, key_prefix=key[:DISPLAY_PREFIX_LEN])
+    return TenantCreated(
+        name=body.name, api_key=key, key_prefix=key[:DISPLAY_PREFIX_LEN], webhook_secret=secret
+    )
 
 
 @router.post(

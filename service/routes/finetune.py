@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Header, Response
 
+from difffit.archives import check_public_host
 from difffit.contract import FINETUNE_QUEUE, FinetuneRequest
 from difffit.errors import BackendUnavailable, InvalidRequest
 from difffit.logging_setup import bind_log_context
@@ -29,25 +30,33 @@ router = APIRouter(tags=["jobs"])
 FINETUNE_RETRY_AFTER_S = 30
 
 
-def check_dataset_url(url: str, settings: Settings) -> None:
+def check_dataset_url(
+    url: str, settings: Settings, field: str = "dataset_url", allow_file: bool = True
+) -> None:
     """Refuse schemes other than http(s) (and file:// unless allowed)."""
     try:
         parts = urlsplit(url.strip())
         parts.port  # noqa: B018 - parses the port: "http://h:99999" raises here, not later
     except ValueError as exc:  # "http://[", a bad port...
-        raise InvalidRequest(f"dataset_url: not a valid URL ({exc}).") from None
+        raise InvalidRequest(f"{field}: not a valid URL ({exc}).") from None
     scheme = parts.scheme.lower()
-    allowed = ["http", "https"] + (["file"] if settings.allow_file_urls else [])
+    allowed = ["http", "https"] + (["file"] if settings.allow_file_urls and allow_file else [])
     if scheme not in allowed:
-        hint = " (file:// URLs are disabled on this server)" if scheme == "file" else ""
+        hint = " (file:// URLs are disabled on this server)" if scheme == "file" and allow_file else ""
         raise InvalidRequest(
-            f"dataset_url: scheme {scheme or '(none)'!r} is not accepted{hint}; "
-            f"use one of {', '.join(allowed)}."
+            f"{field}: scheme {scheme or '(none)'!r} is not accepted{hint}; use one of {', '.join(allowed)}."
         )
     if scheme in ("http", "https") and not parts.hostname:
-        raise InvalidRequest("dataset_url: the URL has no host.")
+        raise InvalidRequest(f"{field}: the URL has no host.")
     if scheme == "file" and not parts.path:
-        raise InvalidRequest("dataset_url: the file URL has no path.")
+        raise InvalidRequest(f"{field}: the file URL has no path.")
+
+
+def check_webhook_url(url: str, settings: Settings) -> None:
+    """http(s) only, and the same SSRF rule as data set downloads: a public host
+    (checked again before every delivery, as DNS may change)."""
+    check_dataset_url(url, settings, field="webhook_url", allow_file=False)
+    check_public_host(url.strip(), settings, what="webhook", error=InvalidRequest)
 
 
 @router.post(
@@ -58,9 +67,11 @@ def check_dataset_url(url: str, settings: Settings) -> None:
     description="Validates the request, records a `queued` job and sends it to the finetune "
     "queue. With an `Idempotency-Key` header, repeating the same body returns the same job "
     "(header `Idempotent-Replayed: true`) and queues nothing; the same key with a different "
-    "body is a 409. 429 (with `Retry-After`) while the finetune queue is full.",
+    "body is a 409. 429 (with `Retry-After`) while the finetune queue is full. The data set is "
+    "`dataset_url` or an uploaded `dataset_id`; `webhook_url` gets a signed POST of the job "
+    "when it ends; `preview_every` adds `preview` events (small sample grids) to the job's stream.",
     responses={202: {"headers": {"Location": {"description": "/jobs/{id}"}}}}
-    | problem_responses(401, 409, 422, 429, 503),
+    | problem_responses(401, 404, 409, 422, 429, 503),
 )
 def create_finetune(
     body: FinetuneRequest,
@@ -77,7 +88,12 @@ def create_finetune(
         raise InvalidRequest(
             f"steps: {body.steps} is above this server's limit of {settings.max_finetune_steps}."
         )
-    check_dataset_url(body.dataset_url, settings)
+    if body.dataset_url is not None:
+        check_dataset_url(body.dataset_url, settings)
+    else:
+        registry.get_dataset(tenant.id, body.dataset_id)  # 404 unless the tenant's
+    if body.webhook_url is not None:
+        check_webhook_url(body.webhook_url, settings)
     queue.check_backlog(FINETUNE_QUEUE, settings.max_queued_finetune, FINETUNE_RETRY_AFTER_S)
     job, created = registry.create_job(
         tenant.id,

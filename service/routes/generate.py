@@ -164,6 +164,68 @@ def _resolve(
     return ref, idx, name, v.version
 
 
+async def sample(
+    request: Request,
+    tenant: Any,
+    registry: Any,
+    queue: Any,
+    settings: Settings,
+    class_: str,
+    adapter: str | None,
+    version: int | None,
+    n: int,
+    seed: int,
+    steps: int,
+    guidance_scale: float,
+    scheduler: str,
+) -> tuple[GenerateTask, AdapterRef | None, int, str | None, int | None, Any]:
+    """Check limits, resolve adapter and class, queue the task and wait for its images.
+
+    Shared by ``POST /generate`` and the OpenAI-compatible route. Returns the
+    task, the adapter ref (None: base), the class index and name, the version
+    and the :class:`difffit.contract.GenerateResult`.
+    """
+    if n > settings.max_images_per_request:
+        raise InvalidRequest(f"n: {n} is above this server's limit of {settings.max_images_per_request}.")
+    if steps > settings.max_sampling_steps:
+        raise InvalidRequest(f"steps: {steps} is above this server's limit of {settings.max_sampling_steps}.")
+    ref, idx, class_name, resolved_version = await run_in_threadpool(
+        _resolve, registry, queue, tenant.id, adapter, version, class_
+    )
+    task = GenerateTask(
+        request_id=f"{tenant.id}-{uuid.uuid4().hex}",
+        adapter=ref,
+        class_labels=[idx] * n,
+        seed=seed,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        scheduler=scheduler,
+    )
+    bind_log_context(task_id=task.request_id)
+    limiters = _wait_limiters(request, settings)
+    try:
+        limiters.admission.acquire_nowait()
+    except anyio.WouldBlock:
+        raise Overloaded(
+            f"{max_waiting(settings)} generate requests are already waiting on this server; retry shortly.",
+            retry_after_s=GENERATE_RETRY_AFTER_S,
+        ) from None
+    try:
+        await run_in_threadpool(
+            queue.check_backlog,
+            GENERATE_QUEUE,
+            settings.max_queued_generate,
+            GENERATE_RETRY_AFTER_S,
+        )
+        handle = await run_in_threadpool(queue.enqueue_generate, task)
+        result = await anyio.to_thread.run_sync(
+            queue.wait_generate, handle, settings.generate_timeout_s, limiter=limiters.threads
+        )
+    finally:
+        limiters.admission.release()
+    return task, ref, idx, class_name, resolved_version, result
+
+
 @router.post(
     "/generate",
     response_model=GenerateResponse,
@@ -211,44 +273,21 @@ async def generate(
     guidance_scale: Annotated[float, Query(ge=1.0, le=50.0)] = 4.0,
     scheduler: SchedulerName = "ddim",
 ) -> Any:
-    if n > settings.max_images_per_request:
-        raise InvalidRequest(f"n: {n} is above this server's limit of {settings.max_images_per_request}.")
-    if steps > settings.max_sampling_steps:
-        raise InvalidRequest(f"steps: {steps} is above this server's limit of {settings.max_sampling_steps}.")
-    ref, idx, class_name, resolved_version = await run_in_threadpool(
-        _resolve, registry, queue, tenant.id, adapter, version, class_
+    task, ref, idx, class_name, resolved_version, result = await sample(
+        request,
+        tenant,
+        registry,
+        queue,
+        settings,
+        class_,
+        adapter,
+        version,
+        n,
+        seed,
+        steps,
+        guidance_scale,
+        scheduler,
     )
-    task = GenerateTask(
-        request_id=f"{tenant.id}-{uuid.uuid4().hex}",
-        adapter=ref,
-        class_labels=[idx] * n,
-        seed=seed,
-        steps=steps,
-        guidance_scale=guidance_scale,
-        scheduler=scheduler,
-    )
-    bind_log_context(task_id=task.request_id)
-    limiters = _wait_limiters(request, settings)
-    try:
-        limiters.admission.acquire_nowait()
-    except anyio.WouldBlock:
-        raise Overloaded(
-            f"{max_waiting(settings)} generate requests are already waiting on this server; retry shortly.",
-            retry_after_s=GENERATE_RETRY_AFTER_S,
-        ) from None
-    try:
-        await run_in_threadpool(
-            queue.check_backlog,
-            GENERATE_QUEUE,
-            settings.max_queued_generate,
-            GENERATE_RETRY_AFTER_S,
-        )
-        handle = await run_in_threadpool(queue.enqueue_generate, task)
-        result = await anyio.to_thread.run_sync(
-            queue.wait_generate, handle, settings.generate_timeout_s, limiter=limiters.threads
-        )
-    finally:
-        limiters.admission.release()
     headers = {
         "X-Task-Id": task.request_id,
         "X-Class": str(idx),

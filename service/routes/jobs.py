@@ -13,9 +13,9 @@ from fastapi.concurrency import run_in_threadpool
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
 from difffit.contract import TERMINAL_JOB_STATES, JobState
-from difffit.errors import JobNotFound
+from difffit.errors import JobNotFound, NotFound
 from difffit.logging_setup import bind_log_context
-from service.deps import RegistryDep, TenantDep
+from service.deps import BlobStoreDep, RegistryDep, TenantDep
 from service.errors import problem_responses
 from service.schemas import Job, JobError, JobList, JobProgress
 
@@ -153,6 +153,25 @@ async def job_events(
             job = await run_in_threadpool(registry.get_job, tenant.id, job_id)
 
     return EventSourceResponse(stream(), ping=15)
+
+
+@router.get(
+    "/{job_id}/previews/{sha256}",
+    response_class=Response,
+    summary="A preview grid of a job (from a `preview` event)",
+    description="The PNG a `preview` event of the job names (`url`); only those are served.",
+    responses={200: {"content": {"image/png": {}}}} | problem_responses(401, 404),
+)
+def get_preview(
+    job_id: str, sha256: str, tenant: TenantDep, registry: RegistryDep, blobs: BlobStoreDep
+) -> Response:
+    job = registry.get_job(tenant.id, _job_id(job_id))
+    named = any(
+        ev.kind == "preview" and (ev.data or {}).get("sha256") == sha256 for ev in registry.job_events(job.id)
+    )
+    if not named:
+        raise NotFound(f"job {job_id} has no preview {sha256[:64]!r}")
+    return Response(content=blobs.get_bytes(sha256), media_type="image/png")
 
 
 def _parse_event_id(value: str | None) -> int:

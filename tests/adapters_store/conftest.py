@@ -17,7 +17,16 @@ from adapters_store import Registry
 from tests.pg import PG_UNREACHABLE, pg_reachable, throwaway_database
 
 PG_SKIP = f"{PG_UNREACHABLE}: registry cases run on SQLite only"
-TABLES = ("job_events", "jobs", "adapter_versions", "adapters", "api_keys", "tenants")
+TABLES = (
+    "webhook_deliveries",
+    "datasets",
+    "job_events",
+    "jobs",
+    "adapter_versions",
+    "adapters",
+    "api_keys",
+    "tenants",
+)
 
 
 @pytest.fixture(scope="session")

@@ -128,25 +128,31 @@ def test_upgrade_twice_is_a_noop(database_url: str) -> None:
         reg.close()
 
 
-def _legacy_database(database_url: str) -> None:
-    """What create_schema built before migrations existed: revision 0001's schema, no alembic_version.
-
-    (Not today's `Base.metadata.create_all`: the models have moved on since.)
-    """
+def _legacy_create_all_database(database_url: str) -> None:
+    """What create_schema's create_all built before migrations: the 0001 schema (the
+    models have grown since), without an alembic_version table."""
     from alembic import command
 
-    command.upgrade(alembic_config(database_url), INITIAL_REVISION)
     legacy = _engine(database_url)
-    with legacy.begin() as conn:
-        conn.execute(text("DROP TABLE alembic_version"))
-    legacy.dispose()
+    try:
+        with legacy.begin() as conn:
+            cfg = alembic_config()
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, INITIAL_REVISION)
+            conn.execute(text("DROP TABLE alembic_version"))
+            # A tenant written by that release (today's models have more columns).
+            conn.execute(
+                text("INSERT INTO tenants (name, created_at, disabled) VALUES ('old', :now, :no)"),
+                {"now": "2025-01-01 00:00:00", "no": False},
+            )
+    finally:
+        legacy.dispose()
 
 
 def test_create_all_database_is_stamped_then_upgraded(database_url: str) -> None:
-    _legacy_database(database_url)
+    _legacy_create_all_database(database_url)
     reg = Registry(database_url)
     try:
-        reg.create_tenant("old")
         assert reg.schema_revision() is None
         assert reg.create_schema() == head_revision()
         assert reg.schema_revision() == head_revision()

@@ -36,8 +36,12 @@ def test_malformed_body_is_422_naming_the_field(client, acme, assert_problem):
     resp = client.post("/finetune", headers=acme.headers, json={"adapter": "Bad Name!", "steps": 0})
     body = assert_problem(resp, 422, "invalid-request")
     fields = {e["field"] for e in body["errors"]}
-    assert {"body.dataset_url", "body.adapter", "body.steps"} <= fields
+    assert {"body.adapter", "body.steps"} <= fields
     assert "body.adapter" in body["detail"]
+    # Without field errors, the missing data set is named (dataset_url or dataset_id).
+    resp = client.post("/finetune", headers=acme.headers, json={"adapter": "ok", "steps": 1})
+    body = assert_problem(resp, 422, "invalid-request")
+    assert "exactly one of dataset_url and dataset_id" in body["errors"][0]["message"]
 
 
 def test_bad_query_param_is_422(client, acme, assert_problem):

@@ -54,6 +54,25 @@ def test_job_registers_a_version_with_grid_loss_curve_and_counts(runtime, tmp_pa
     assert kinds[0] == "running" and kinds[-1] == "succeeded" and "dataset" in kinds
 
 
+def test_previews_and_progress_events_follow_the_run(runtime, tmp_path):
+    tenant, job = _job(runtime, tmp_path, preview_every=4)
+    runtime.finetune(job.id)
+    assert runtime.registry.get_job_unscoped(job.id).state == "succeeded"
+    events = runtime.registry.job_events(job.id)
+    previews = [e.data for e in events if e.kind == "preview"]
+    # One preview in flight at a time: step 4's may be skipped, the last step's never is.
+    assert previews and previews[-1]["step"] == 8 and {p["step"] for p in previews} <= {4, 8}
+    grid = Image.open(io.BytesIO(runtime.blobs.get_bytes(previews[-1]["sha256"])))
+    assert grid.size == (2 * 8 * 2, 2 * 8 * 2)  # 2 samples x 2 classes, 8 px, upscaled x2
+    assert previews[-1]["url"] == f"/jobs/{job.id}/previews/{previews[-1]['sha256']}"
+    progress = [e.data for e in events if e.kind == "progress"]
+    assert sum(len(p["losses"]) for p in progress) == 8 and progress[-1]["step"] == 8
+    engine = runtime.engine
+    assert not engine.call(
+        lambda: any(engine.bank.resident(f"preview-{job.id}-{s}") for s in (4, 8))
+    ).result()
+
+
 def test_diff_tuning_job_builds_a_retention_set(runtime, tmp_path):
     tenant, job = _job(runtime, tmp_path, objective="diff_tuning", method="bitfit")
     runtime.finetune(job.id)

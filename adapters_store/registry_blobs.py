@@ -106,7 +106,7 @@ class BlobRefOps:
         return self._db.read(lambda s: _referenced(s, cands))
 
     def blob_in_use(self, sha256: str) -> bool:
-        """Whether any version (blob or attached file), job checkpoint, data set or preview references `sha256`."""
+        """Whether a version (blob or attached file), checkpoint, data set or preview references `sha256`."""
         try:
             cands = _candidates([sha256])
         except InvalidRequest:

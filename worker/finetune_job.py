@@ -143,7 +143,11 @@ def _train_and_register(rt, job_id: str, job) -> None:
         reg.add_job_event(job_id, "resumed", {"step": int(init["step"])})
     diffusion = GaussianDiffusion.from_scheduler_config(rt.base.scheduler_config)
     every = request.checkpoint_every or settings.checkpoint_every
-    run = rt.call(lambda: TrainingRun(rt.engine.model, diffusion, data, request, init, every))
+    run = rt.call(
+        lambda: TrainingRun(
+            rt.engine.model, diffusion, data, request, init, every, microbatch=settings.train_microbatch
+        )
+    )
     future = rt.engine.submit_training(run)
     while True:
         # Wake for a checkpoint at once, else every 0.5 s for progress and cancel.

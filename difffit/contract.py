@@ -158,3 +158,4 @@ class WorkerStats(BaseModel):
     base_model: str = ""
     base_hash: str = ""
     class_names: list[str] = Field(default_factory=list, description="The base model's classes.")
+    resolution: int = Field(0, description="The base model's image side in pixels (0: unknown).")

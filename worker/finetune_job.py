@@ -29,6 +29,7 @@ from core.engine.sampling import SampleRequest
 from core.engine.training import TrainingData, TrainingRun
 from difffit.contract import TERMINAL_JOB_STATES, FinetuneRequest
 from difffit.errors import DiffFitError, InvalidDataset, JobCancelled
+from worker.class_table import to_base_classes
 from worker.datasets import ImageSet, load_dataset
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,8 @@ def _train_and_register(rt, job_id: str, job) -> None:
 
     # 2. intake
     images = load_dataset(request.dataset_url, settings, rt.base.image_channels, resolution)
+    if request.class_table == "keep":
+        images = to_base_classes(images, rt.base.class_names)
     if len(images.class_names) > settings.max_classes:
         raise InvalidDataset(f"{len(images.class_names)} classes; at most {settings.max_classes} allowed")
     reg.add_job_event(job_id, "dataset", {"images": len(images.labels), "classes": images.class_names})

@@ -36,6 +36,7 @@ class StatsPublisher:
             base_model=base.model_id,
             base_hash=base.content_hash,
             class_names=base.class_names,
+            resolution=base.resolution,
             **engine.stats(),
         )
 

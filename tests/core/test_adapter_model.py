@@ -92,7 +92,8 @@ def test_placement_counts_and_breakdown(tiny_base):
     model = DiffFitDiT(_load(tiny_base))
     assert gamma_layers(Placement.bitfit(), 2) == []
     paper = gamma_layers(Placement(), 2)
-    assert "transformer_blocks.1.attn1.to_q" in paper  # qkv in every block
+    assert "transformer_blocks.0.attn1.to_q" in paper  # qkv in the first half only
+    assert "transformer_blocks.1.attn1.to_q" not in paper
     assert "transformer_blocks.1.ff.net.2" not in paper  # branches in the first half only
     assert "transformer_blocks.0.ff.net.2" in paper and "proj_out_2" in paper
     counts = count_params(model.init_adapter(Placement(), 5))

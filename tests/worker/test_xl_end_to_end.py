@@ -107,7 +107,7 @@ def test_xl_shaped_bf16_intake_fine_tune_mixed_batch_and_512(xl_runtime):
     tenant = rt.registry.create_tenant("xl")
     refs = [_register(rt, tenant.id, m, runs[m][0]) for m in ("difffit", "bitfit")] + [None]
     gate = threading.Event()
-    rt.engine.call(lambda: gate.wait(60))  # hold the engine until all three are queued
+    rt.engine.call(lambda: gate.wait(600))  # hold the engine until all three are queued
     results: dict = {}
 
     def generate(i, ref):
@@ -117,7 +117,7 @@ def test_xl_shaped_bf16_intake_fine_tune_mixed_batch_and_512(xl_runtime):
     threads = [threading.Thread(target=generate, args=(i, r)) for i, r in enumerate(refs)]
     for t in threads:
         t.start()
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600
     while rt.engine.queue_depth() < 3 and time.monotonic() < deadline:
         time.sleep(0.05)
     gate.set()

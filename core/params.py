@@ -47,6 +47,11 @@ def count_for_shape(
     base_params += base_table
     shapes = model.adapter_shapes(placement, num_classes)
     trainable = count_params(shapes)
+    # The reference code (thuml/Diffusion-Tuning) keeps a gamma on the attention output
+    # projection AND one on the attention residual branch; both scale the same output,
+    # so here they are one vector on attn1.to_out.0. Counted its way, each adds H.
+    doubled = sum(shapes[k][0] for k in shapes if k.endswith("attn1.to_out.0.gamma"))
+    reference = {**trainable, "gammas": trainable["gammas"] + doubled, "total": trainable["total"] + doubled}
     model_params = base_params - base_table + trainable["class_table"] + trainable["gammas"]
     return {
         "shape": shape,
@@ -57,6 +62,7 @@ def count_for_shape(
         "base_params": base_params,
         "model_params": model_params,
         "trainable": trainable,
+        "trainable_reference_count": reference,
         "trainable_percent": 100.0 * trainable["total"] / model_params,
     }
 
@@ -74,5 +80,9 @@ def format_counts(c: dict) -> str:
         f"    biases                   : {t['biases']:>13,}",
         f"    gammas                   : {t['gammas']:>13,}",
         f"    class table              : {t['class_table']:>13,}",
+        "  counted as the reference code counts (a gamma on the attention output and one on its",
+        f"  branch, one vector here): {c['trainable_reference_count']['total']:,} trainable "
+        f"({c['trainable_reference_count']['total'] / 1e6:.3f}M), "
+        f"{c['trainable_reference_count']['gammas']:,} gammas",
     ]
     return "\n".join(lines)

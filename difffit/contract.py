@@ -31,6 +31,7 @@ Method = Literal["difffit", "bitfit"]
 Objective = Literal["standard", "diff_tuning"]
 SchedulerName = Literal["ddim", "dpm++", "ddpm"]
 BlockSpan = Literal["none", "first_half", "all"]
+ClassTable = Literal["new", "keep"]
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL_JOB_STATES = ("succeeded", "failed", "cancelled")
 
@@ -38,14 +39,16 @@ TERMINAL_JOB_STATES = ("succeeded", "failed", "cancelled")
 class Placement(BaseModel):
     """Where DiffFit puts its scale vectors gamma (biases are always trained).
 
-    The default is the paper's final setting (Table 4b/4c): gamma on Q/K/V in
-    every block, on the attention and MLP branch outputs of the first half of
-    the blocks, and on the final layer.
+    The default is the paper's final setting (Table 4c row 8: blocks, Q/K/V and
+    the final layer, with gamma only in the first half of the blocks, Table 4b),
+    as its reference code places it: gamma on Q/K/V and on the attention and
+    MLP branch outputs of blocks 0..L/2-1 only (deep-block gammas hurt, Table
+    4a), plus the final layer. The other spans are the ablations.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    qkv: BlockSpan = "all"
+    qkv: BlockSpan = "first_half"
     branches: BlockSpan = "first_half"
     final_layer: bool = True
 
@@ -85,7 +88,18 @@ class FinetuneRequest(BaseModel):
     steps: int = Field(200, ge=1, description="Optimizer steps.")
     batch_size: int = Field(32, ge=1, le=1024)
     learning_rate: float = Field(1e-3, gt=0, le=1.0, description="AdamW lr (paper: 1e-3).")
-    resolution: int | None = Field(None, ge=8, le=4096, description="Image side; default the base's.")
+    resolution: int | None = Field(
+        None,
+        ge=8,
+        le=4096,
+        description="Image side to train (and later sample) at; default the base's. A larger side "
+        "than the base's uses the base's positional-encoding grid interpolated (the paper's 256 -> 512).",
+    )
+    class_table: ClassTable = Field(
+        "new",
+        description="new: a fresh class table for the data set's classes; keep: start from the base's "
+        "table (class folders must be named after base classes or their indices), as the paper's 512 run.",
+    )
     seed: int = Field(0, ge=0, le=2**31 - 1)
     ema: bool = Field(False, description="Keep an EMA of the adapter tensors and save it.")
     checkpoint_every: int | None = Field(None, ge=1, description="Steps between checkpoints.")
@@ -192,3 +206,4 @@ class WorkerStats(BaseModel):
     adapter_spec: AdapterSpec | None = Field(
         None, description="What an adapter file for this base must hold (checked by imports)."
     )
+    resolution: int = Field(0, description="The base model's image side in pixels (0: unknown).")

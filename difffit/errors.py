@@ -112,6 +112,12 @@ class TrainingFailed(DiffFitError):
     code = "training-failed"
 
 
+class UnsupportedPrecision(DiffFitError):
+    """Fine-tuning refused on a base dtype it cannot train in (float16: no loss scaling)."""
+
+    code = "unsupported-precision"
+
+
 def _all_subclasses(cls: type) -> list[type]:
     out = []
     for sub in cls.__subclasses__():

@@ -73,6 +73,12 @@ class Settings(BaseSettings):
     max_classes: int = Field(
         1000, ge=1, description="Most classes an adapter may have (rows of its class table - 1)."
     )
+    train_microbatch: int = Field(
+        0,
+        ge=0,
+        description="Rows per training micro-batch: a step's batch is split, gradients accumulated, "
+        "sampling steps run in between; 0 = the whole batch at once.",
+    )
     train_share: float = Field(
         0.2, gt=0, le=1.0, description="Most share of engine time fine-tuning gets while requests sample."
     )

@@ -120,6 +120,9 @@ class GenerateResponse(_Out):
     steps: int
     guidance_scale: float
     scheduler: str
+    resolution: int | None = Field(
+        None, description="Image side in pixels (null: the base's, while no worker is alive to tell it)."
+    )
     seconds: float = Field(..., description="Worker-side time for the request.")
 
 

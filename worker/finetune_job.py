@@ -36,6 +36,7 @@ from core.engine.sampling import SampleRequest
 from core.engine.training import TrainingData, TrainingRun
 from difffit.contract import TERMINAL_JOB_STATES, FinetuneRequest
 from difffit.errors import DiffFitError, InvalidDataset, JobCancelled, JobNotFound
+from worker.class_table import to_base_classes
 from worker.datasets import ImageSet, load_archive, load_dataset
 from worker.previews import PreviewSampler, ProgressEvents
 
@@ -143,6 +144,8 @@ def _train_and_register(rt, job_id: str, job) -> None:
 
     # 2. intake
     images = _intake(rt, job, request, resolution)
+    if request.class_table == "keep":
+        images = to_base_classes(images, rt.base.class_names)
     if len(images.class_names) > settings.max_classes:
         raise InvalidDataset(f"{len(images.class_names)} classes; at most {settings.max_classes} allowed")
     reg.add_job_event(job_id, "dataset", {"images": len(images.labels), "classes": images.class_names})
@@ -158,7 +161,11 @@ def _train_and_register(rt, job_id: str, job) -> None:
         reg.add_job_event(job_id, "resumed", {"step": int(init["step"])})
     diffusion = GaussianDiffusion.from_scheduler_config(rt.base.scheduler_config)
     every = request.checkpoint_every or settings.checkpoint_every
-    run = rt.call(lambda: TrainingRun(rt.engine.model, diffusion, data, request, init, every))
+    run = rt.call(
+        lambda: TrainingRun(
+            rt.engine.model, diffusion, data, request, init, every, microbatch=settings.train_microbatch
+        )
+    )
     previews = PreviewSampler(rt, job_id, data.num_classes, resolution)
     progress = ProgressEvents(reg, job_id)
     future = rt.engine.submit_training(run)

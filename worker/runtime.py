@@ -30,6 +30,20 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def sampling_resolution(requested: int | None, trained_at: int, who: str) -> int:
+    """The side to sample at: an adapter version's trained resolution (the base's own for the base).
+
+    Another side is refused: the model was fitted at that one (a 512 fine-tune
+    learned the interpolated position grid; the base never saw 512).
+    """
+    if requested is None or requested == trained_at:
+        return trained_at
+    raise InvalidRequest(
+        f"resolution: {who} samples at {trained_at} px, the resolution it was trained at; "
+        f"got {requested}. Allowed values: {trained_at}."
+    )
+
+
 class Runtime:
     """Everything one worker process holds: built once, shared by task threads."""
 
@@ -95,8 +109,10 @@ class Runtime:
             self._check_still_registered(task.adapter)
             tensors, meta = self.adapter(key)
             num_classes, who = meta["num_classes"], f"adapter {task.adapter.name!r}"
+            trained_at = int(meta.get("resolution") or self.base.resolution)
         else:
             num_classes, who = len(self.base.class_names), "the base model"
+            trained_at = self.base.resolution
         bad = [c for c in task.class_labels if not 0 <= c < num_classes]
         if bad:
             raise InvalidRequest(f"class {bad[0]} is out of range: {who} has classes 0..{num_classes - 1}")
@@ -109,7 +125,7 @@ class Runtime:
             steps=task.steps,
             guidance_scale=task.guidance_scale,
             scheduler_name=task.scheduler,
-            latent_size=self.latent_size(task.resolution),
+            latent_size=self.latent_size(sampling_resolution(task.resolution, trained_at, who)),
         )
         future = self.engine.submit(request)
         try:

@@ -53,6 +53,7 @@ class StatsPublisher:
             base_hash=base.content_hash,
             class_names=base.class_names,
             adapter_spec=self.adapter_spec(),
+            resolution=base.resolution,
             **engine.stats(),
         )
 

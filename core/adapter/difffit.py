@@ -119,12 +119,22 @@ class DiffFit(AdapterMethod):
     def forward_live(
         self, layer: AdaptedLayer, x: torch.Tensor, params: dict[str, torch.Tensor]
     ) -> torch.Tensor:
-        # Unfused on purpose: autograd reaches gamma and b, the bank and W stay frozen.
-        y = layer.project(x)
+        """Training: fp32 master tensors, the affine in fp32, cast once to the base's dtype.
+
+        Unfused on purpose: autograd reaches gamma and b, the bank and W stay frozen.
+        On a bf16 base a gamma of 1.002 would round to exactly 1.0 (spacing 2^-7 near
+        1); applied in fp32 to ``W x`` and rounded once, its effect reaches the
+        activations. The input is cast to W's dtype: the fp32 class table makes the
+        conditioning fp32.
+        """
+        y = layer.project(x.to(layer.weight.dtype))
         gamma = params.get(tensor_name(layer.name, "gamma"))
-        if gamma is not None:
-            y = y * layer.channels(gamma)
-        return y + layer.channels(params[tensor_name(layer.name, "bias")])
+        bias = layer.channels(params[tensor_name(layer.name, "bias")])
+        if y.dtype == bias.dtype:
+            return y + bias if gamma is None else torch.addcmul(bias, y, layer.channels(gamma))
+        yf = y.float()
+        out = yf + bias if gamma is None else torch.addcmul(bias, yf, layer.channels(gamma))
+        return out.to(y.dtype)
 
     # -- export and counts ---------------------------------------------------------
     @torch.no_grad()

@@ -6,7 +6,8 @@ wait on futures. Each loop iteration:
 1. admit waiting requests at the step boundary (batch-size cap, free slot);
 2. one denoising step for a group of requests sharing a latent size;
 3. decode the requests that finished (one batched VAE call) and resolve them;
-4. one optimizer step of a training run, if any (sampling goes first).
+4. one micro-batch of a training run's optimizer step, if any (sampling goes
+   first; a step split into micro-batches lets sampling steps run between them).
 
 Nothing here knows about HTTP, Celery or the registry.
 """
@@ -202,11 +203,7 @@ class Engine:
 
     def _decode(self, latents: torch.Tensor) -> list[bytes]:
         """[N, C, h, w] latents -> N PNG files, one batched VAE decode."""
-        if self.base.vae is not None:
-            images = self.base.vae.decode(latents / self.base.latent_scaling).sample
-        else:
-            images = latents
-        return [to_png(img) for img in images.float().cpu()]
+        return [to_png(img) for img in self.base.decode(latents).float().cpu()]
 
     def _training_may_run(self) -> bool:
         """With sampling waiting, train only while training's time share is under train_share."""
@@ -217,7 +214,8 @@ class Engine:
         run = self._training[0]
         try:
             with torch.enable_grad():
-                finished = run.step()
+                run.micro_step()
+            finished = run.finished
         except Exception as exc:  # noqa: BLE001
             log.exception("training step failed")
             self._training.popleft()

@@ -1,11 +1,17 @@
 """A fine-tuning run the engine thread steps, on the resident base.
 
-The job's adapter is a dict of live fp32 tensors that require grad; the
-frozen base is shared with sampling (no second copy). One :meth:`step` is
-one optimizer step of the DiT hybrid loss (L_simple + lambda L_vlb with the
+The job's adapter is a dict of live fp32 tensors that require grad (the
+master copies, fp32 whatever the base's dtype: a bf16 gamma cannot hold
+1.002); the frozen base is shared with sampling (no second copy). One
+optimizer step of the DiT hybrid loss (L_simple + lambda L_vlb with the
 learned variance, lambda = 0.001 on L_vlb, i.e. weight 1.0 on the per-step
 vb term as DiT trains), with 10% label dropout to the adapter's null row,
-random horizontal flips and AdamW (weight decay 0).
+random horizontal flips and AdamW (weight decay 0), is a sequence of
+micro-steps: the step's batch is drawn once, then split into micro-batches
+of ``microbatch`` rows whose gradients accumulate, so the engine can run
+sampling steps between them (:meth:`TrainingRun.micro_step`). Each
+micro-batch's loss carries its rows' share of the step's loss, so the sum
+of the micro-batch gradients is the whole batch's gradient.
 """
 
 from __future__ import annotations
@@ -18,10 +24,10 @@ from dataclasses import dataclass, field
 import torch
 
 from core.adapter.layers import Route
-from core.adapter.model import DiffFitDiT
+from core.adapter.model import CLASS_TABLE, DiffFitDiT
 from core.diffusion import GaussianDiffusion
 from difffit.contract import FinetuneRequest
-from difffit.errors import JobCancelled
+from difffit.errors import InvalidDataset, JobCancelled, UnsupportedPrecision
 
 LABEL_DROPOUT = 0.1
 VLB_WEIGHT = 1.0  # on the per-step vb term == lambda 0.001 on L_vlb (T = 1000)
@@ -30,6 +36,15 @@ VLB_WEIGHT = 1.0  # on the per-step vb term == lambda 0.001 on L_vlb (T = 1000)
 # retention t to the clean end; retention samples carry the null label.
 RETENTION_FRACTION = 0.2
 RETENTION_WEIGHT = 0.1
+# EMA of the adapter tensors with the usual warm-up: after the n-th optimizer step the
+# decay is min(EMA_DECAY, (1 + n) / (10 + n)), so early steps are not averaged with the
+# initial values for thousands of steps (a fixed 0.999 kept 82% of the init after 200).
+EMA_DECAY = 0.999
+
+
+def ema_decay(n: int) -> float:
+    """Decay of the EMA update after optimizer step n (1-based)."""
+    return min(EMA_DECAY, (1 + n) / (10 + n))
 
 
 @dataclass
@@ -103,6 +118,29 @@ def draw_batch(
     return x0, y, t, noise, diffusion.q_sample(x0, t, noise), b_tgt
 
 
+@dataclass
+class _PendingStep:
+    """An optimizer step in progress: its drawn batch and the next micro-batch."""
+
+    x0: torch.Tensor
+    y: torch.Tensor
+    t: torch.Tensor
+    noise: torch.Tensor
+    x_t: torch.Tensor
+    weights: torch.Tensor  # [B] each row's weight in the step's loss
+    size: int  # rows per micro-batch
+    start: int = 0
+    loss: float = 0.0
+
+
+def loss_weights(batch_size: int, b_tgt: int, device) -> torch.Tensor:
+    """[B] weights w with loss = sum(w * per-sample loss) = mean(target) + 0.1 mean(retention)."""
+    w = torch.full((batch_size,), 1.0 / b_tgt, device=device)
+    if b_tgt < batch_size:
+        w[b_tgt:] = RETENTION_WEIGHT / (batch_size - b_tgt)
+    return w
+
+
 class TrainingRun:
     """One fine-tuning job's state: adapter tensors, optimizer, RNG, progress."""
 
@@ -114,6 +152,7 @@ class TrainingRun:
         request: FinetuneRequest,
         init: dict | None = None,
         checkpoint_every: int = 0,
+        microbatch: int = 0,
     ):
         self.model = model
         self.diffusion = diffusion
@@ -121,11 +160,30 @@ class TrainingRun:
         self.request = request
         self.device = data.x.device
         self.dtype = next(model.parameters()).dtype
+        if self.dtype == torch.float16:
+            # fp16 activations overflow without loss scaling, and a scaler would also
+            # skip steps; bf16 has fp32's range at the same memory, on every GPU that
+            # serves DiT-XL (A100, H100, L4). Sampling in fp16 still works.
+            raise UnsupportedPrecision(
+                "fine-tuning on a float16 base is not supported (no loss scaling): run the "
+                "worker with DIFFFIT_DTYPE=bfloat16 (same memory, fp32's range) or float32"
+            )
+        # 0 = the whole batch in one micro-step.
+        self.microbatch = microbatch if 0 < microbatch < request.batch_size else request.batch_size
+        self._pending: _PendingStep | None = None
         self.future: Future = Future()
         self.cancel = threading.Event()
         self.generator = torch.Generator("cpu").manual_seed(request.seed)
         placement = request.resolved_placement()
         tensors = model.init_adapter(placement, data.num_classes, generator=self.generator)
+        if request.class_table == "keep":
+            # The paper's 256 -> 512 run: same classes, start from the base's own table.
+            tensors[CLASS_TABLE] = model.base_adapter()[CLASS_TABLE].float()
+            if data.num_classes != model.base_num_classes:
+                raise InvalidDataset(
+                    f"class_table keep needs the base's {model.base_num_classes} classes; "
+                    f"the data has {data.num_classes}"
+                )
         self.params = {k: v.detach().float().to(self.device).requires_grad_(True) for k, v in tensors.items()}
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=request.learning_rate, weight_decay=0.0)
         self.ema = {k: v.detach().clone() for k, v in self.params.items()} if request.ema else None
@@ -143,44 +201,72 @@ class TrainingRun:
             self.load_state_dict(init)
 
     # -- one step --------------------------------------------------------------
+    @property
+    def finished(self) -> bool:
+        """True once every requested optimizer step has run."""
+        return self.progress.step >= self.progress.total
+
     def step(self) -> bool:
-        """One optimizer step; returns True when the run has finished all steps."""
+        """One whole optimizer step (all its micro-batches); True when the run has finished."""
+        while not self.micro_step():
+            pass
+        return self.finished
+
+    def micro_step(self) -> bool:
+        """One micro-batch of the current optimizer step; True when it completed the step.
+
+        The first micro-step of a step draws the whole batch (so the RNG stream, and the
+        result, do not depend on the micro-batch size); each one adds its rows' gradient;
+        the last one updates the adapter, the EMA and the progress.
+        """
         if self.cancel.is_set():
             raise JobCancelled("the job was cancelled")
+        if self._pending is None:
+            self._pending = self._draw_step()
+        p = self._pending
+        rows = slice(p.start, p.start + p.size)
+        # forward through the frozen base with the live fp32 adapter: [b, 2C, h, w]
+        out = self.model(p.x_t[rows].to(self.dtype), p.t[rows], p.y[rows], Route.training(self.params))
+        per_sample = self.diffusion.training_losses(
+            out.float(), p.x0[rows].float(), p.x_t[rows].float(), p.t[rows], p.noise[rows].float(), VLB_WEIGHT
+        )
+        loss = (per_sample["loss"] * p.weights[rows]).sum()
+        loss.backward()
+        p.loss += float(loss.detach())
+        p.start += p.size
+        if p.start < len(p.t):
+            return False
+        self._pending = None
+        self._finish_step(p.loss)
+        return True
+
+    def _draw_step(self) -> _PendingStep:
         diff_tuning = self.request.objective == "diff_tuning" and self.data.retention is not None
         x0, y, t, noise, x_t, b_tgt = draw_batch(
             self.data, self.diffusion, self.request.batch_size, self.generator, self.device, diff_tuning
         )
-        # 3. forward through the frozen base with the live adapter: [b, 2C, h, w]
-        live = {k: v.to(self.dtype) for k, v in self.params.items()}
-        out = self.model(x_t.to(self.dtype), t, y, Route.training(live)).float()
-        per_sample = self.diffusion.training_losses(
-            out, x0.float(), x_t.float(), t, noise.float(), VLB_WEIGHT
-        )
-        losses = per_sample["loss"]
-        loss = losses[:b_tgt].mean()
-        if b_tgt < len(losses):
-            loss = loss + RETENTION_WEIGHT * losses[b_tgt:].mean()
-        # 4. update
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        weights = loss_weights(len(t), b_tgt, self.device)
+        return _PendingStep(x0, y, t, noise, x_t, weights, size=self.microbatch)
+
+    def _finish_step(self, loss: float) -> None:
         self.optimizer.step()
+        self.progress.step += 1
         if self.ema is not None:
+            decay = ema_decay(self.progress.step)
             with torch.no_grad():
                 for k, v in self.params.items():
-                    self.ema[k].lerp_(v.detach(), 1 - 0.999)
-        self.progress.step += 1
-        self.progress.loss = float(loss.detach())
-        self.progress.losses.append(self.progress.loss)
-        done = self.progress.step >= self.progress.total
-        if self.checkpoint_every and self.progress.step % self.checkpoint_every == 0 and not done:
+                    self.ema[k].lerp_(v.detach(), 1 - decay)
+        self.progress.loss = loss
+        self.progress.losses.append(loss)
+        # Checkpoints only at step boundaries: no half-accumulated gradient is ever saved.
+        if self.checkpoint_every and self.progress.step % self.checkpoint_every == 0 and not self.finished:
             self.checkpoint = self.state_dict()
             self.checkpoint_ready.set()
         if self.preview_every and self.progress.step % self.preview_every == 0:
             source = self.ema if self.ema is not None else self.params
             self.preview = (self.progress.step, {k: v.detach().clone() for k, v in source.items()})
             self.preview_ready.set()
-        return done
 
     # -- results and checkpoints -------------------------------------------------
     def result(self) -> dict[str, torch.Tensor]:

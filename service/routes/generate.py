@@ -150,18 +150,49 @@ def base_class_names(queue: Any) -> list[str] | None:
     return None
 
 
+def base_resolution(queue: Any) -> int | None:
+    """The base model's image side from the first live worker, None if unknown."""
+    for worker in queue.live_workers(max_age_s=WORKER_STATS_INTERVAL_S):
+        if worker.resolution:
+            return int(worker.resolution)
+    return None
+
+
+def check_resolution(requested: int | None, allowed: int | None, who: str) -> int | None:
+    """The side to sample at: the adapter version's trained one, or the base's for the base.
+
+    Any other side is a 422 naming the allowed value. ``allowed`` None (the base
+    while no worker is alive) passes the request on; the worker checks it.
+    """
+    if requested is None or allowed is None or requested == allowed:
+        return allowed if requested is None else requested
+    err = InvalidRequest(
+        f"resolution: {who} samples at {allowed} px, the resolution it was trained at; got {requested}. "
+        f"Allowed values: {allowed}."
+    )
+    err.problem_extra = {"allowed": [allowed]}  # type: ignore[attr-defined]
+    raise err
+
+
 def _resolve(
-    registry: Any, queue: Any, tenant_id: Any, adapter: str | None, version: int | None, cls: str
-) -> tuple[AdapterRef | None, int, str | None, int | None]:
+    registry: Any,
+    queue: Any,
+    tenant_id: Any,
+    adapter: str | None,
+    version: int | None,
+    cls: str,
+    resolution: int | None,
+) -> tuple[AdapterRef | None, int, str | None, int | None, int | None]:
     if adapter is None:
         if version is not None:
             raise InvalidRequest("version: only valid together with adapter.")
         idx, name = resolve_class(cls, base_class_names(queue))
-        return None, idx, name, None
+        return None, idx, name, None, check_resolution(resolution, base_resolution(queue), "the base model")
     v = registry.get_version(tenant_id, adapter, version)
     idx, name = resolve_class(cls, list(v.class_names or []))
     ref = AdapterRef(name=adapter, version=v.version, sha256=v.sha256, tenant_id=tenant_id)
-    return ref, idx, name, v.version
+    who = f"adapter {adapter!r} version {v.version}"
+    return ref, idx, name, v.version, check_resolution(resolution, v.resolution, who)
 
 
 async def sample(
@@ -178,19 +209,21 @@ async def sample(
     steps: int,
     guidance_scale: float,
     scheduler: str,
+    resolution: int | None = None,
 ) -> tuple[GenerateTask, AdapterRef | None, int, str | None, int | None, Any]:
     """Check limits, resolve adapter and class, queue the task and wait for its images.
 
-    Shared by ``POST /generate`` and the OpenAI-compatible route. Returns the
-    task, the adapter ref (None: base), the class index and name, the version
+    Shared by ``POST /generate`` and the OpenAI-compatible route. `resolution`
+    None samples at the model's own (the version's trained one, the base's for
+    the base); the task carries the side used. Returns the task, the adapter ref (None: base), the class index and name, the version
     and the :class:`difffit.contract.GenerateResult`.
     """
     if n > settings.max_images_per_request:
         raise InvalidRequest(f"n: {n} is above this server's limit of {settings.max_images_per_request}.")
     if steps > settings.max_sampling_steps:
         raise InvalidRequest(f"steps: {steps} is above this server's limit of {settings.max_sampling_steps}.")
-    ref, idx, class_name, resolved_version = await run_in_threadpool(
-        _resolve, registry, queue, tenant.id, adapter, version, class_
+    ref, idx, class_name, resolved_version, side = await run_in_threadpool(
+        _resolve, registry, queue, tenant.id, adapter, version, class_, resolution
     )
     task = GenerateTask(
         request_id=f"{tenant.id}-{uuid.uuid4().hex}",
@@ -200,6 +233,7 @@ async def sample(
         steps=steps,
         guidance_scale=guidance_scale,
         scheduler=scheduler,
+        resolution=side,
     )
     bind_log_context(task_id=task.request_id)
     limiters = _wait_limiters(request, settings)
@@ -233,7 +267,9 @@ async def sample(
     description="Samples `n` images of class `class` (an index, or a class name of the adapter) "
     "from the adapter's latest version (or `version`), or from the base model when `adapter` "
     "is omitted (base class names come from the live workers; with none alive only an index "
-    "is accepted). Answers `image/png` when n = 1 unless the Accept header prefers "
+    "is accepted). Images are `resolution` px square: the adapter version's trained resolution "
+    "(a 512 fine-tune samples at 512), the base's for the base; another value is a 422 naming "
+    "the allowed one. Answers `image/png` when n = 1 unless the Accept header prefers "
     "`application/json`; otherwise JSON with base64 PNGs. A request still running after the "
     "server's timeout gets a 504 problem whose `task_id` can be polled at "
     "`GET /generate/{task_id}`. 429 (with `Retry-After`) when the generate queue or this "
@@ -272,6 +308,15 @@ async def generate(
     steps: Annotated[int, Query(ge=1, description="Sampling steps.")] = 50,
     guidance_scale: Annotated[float, Query(ge=1.0, le=50.0)] = 4.0,
     scheduler: SchedulerName = "ddim",
+    resolution: Annotated[
+        int | None,
+        Query(
+            ge=8,
+            le=4096,
+            description="Image side in pixels; default (and only allowed value) the adapter version's "
+            "trained resolution, or the base model's for the base.",
+        ),
+    ] = None,
 ) -> Any:
     task, ref, idx, class_name, resolved_version, result = await sample(
         request,
@@ -287,7 +332,9 @@ async def generate(
         steps,
         guidance_scale,
         scheduler,
+        resolution,
     )
+    side = task.resolution
     headers = {
         "X-Task-Id": task.request_id,
         "X-Class": str(idx),
@@ -311,6 +358,7 @@ async def generate(
         steps=steps,
         guidance_scale=guidance_scale,
         scheduler=scheduler,
+        resolution=side,
         seconds=result.seconds,
     )
     return JSONResponse(body.model_dump(mode="json", by_alias=True), headers=headers)

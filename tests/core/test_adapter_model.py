@@ -92,7 +92,8 @@ def test_placement_counts_and_breakdown(tiny_base):
     model = DiffFitDiT(_load(tiny_base))
     assert gamma_layers(Placement.bitfit(), 2) == []
     paper = gamma_layers(Placement(), 2)
-    assert "transformer_blocks.1.attn1.to_q" in paper  # qkv in every block
+    assert "transformer_blocks.0.attn1.to_q" in paper  # qkv in the first half only
+    assert "transformer_blocks.1.attn1.to_q" not in paper
     assert "transformer_blocks.1.ff.net.2" not in paper  # branches in the first half only
     assert "transformer_blocks.0.ff.net.2" in paper and "proj_out_2" in paper
     counts = count_params(model.init_adapter(Placement(), 5))
@@ -103,10 +104,32 @@ def test_placement_counts_and_breakdown(tiny_base):
 def test_difffit_params_on_dit_xl2_match_the_paper():
     bitfit = count_for_shape("DiT-XL/2", 101, "bitfit")
     difffit = count_for_shape("DiT-XL/2", 101, "difffit")
-    assert abs(bitfit["trainable"]["total"] - 0.61e6) / 0.61e6 <= 0.02  # paper Table 1: 0.61M
-    assert 0.68e6 <= difffit["trainable"]["total"] <= 0.85e6  # paper: 0.77M (4b), 0.83M (1)
+    assert abs(bitfit["trainable"]["total"] - 0.61e6) / 0.61e6 <= 0.005  # paper Table 1: 0.61M
     assert bitfit["trainable"]["gammas"] == 0
     assert difffit["trainable"]["biases"] == bitfit["trainable"]["biases"] == 489_632
     assert difffit["trainable"]["class_table"] == 102 * 1152
+    # The final placement: q, k, v, attention out and MLP out of blocks 0..13, 32 on the final layer.
+    assert difffit["trainable"]["gammas"] == 14 * 5 * 1152 + 32 == 80_672
+    assert difffit["trainable"]["total"] == 687_808
+    # Counted as the reference code counts: its 96,768 gammas (14 blocks x 6H) plus the final layer's 32.
+    assert difffit["trainable_reference_count"]["gammas"] == 96_768 + 32
+    assert difffit["trainable_reference_count"]["total"] == 703_936
     assert difffit["diffusers_params"] == 749_826_464  # per-block copies, as diffusers stores it
     assert abs(difffit["model_params"] - 673.8e6) < 0.2e6  # paper: 673.8M
+
+
+def test_table_4b_slope_is_two_branch_gammas_per_block():
+    """Table 4b moves the residual-branch gammas over the blocks: 1->14 0.770M, 1->28 0.803M."""
+    half = count_for_shape("DiT-XL/2", 101, placement=Placement(qkv="all", branches="first_half"))
+    full = count_for_shape("DiT-XL/2", 101, placement=Placement(qkv="all", branches="all"))
+    added = full["trainable"]["total"] - half["trainable"]["total"]
+    assert added == 14 * 2 * 1152 and abs(added - (0.803e6 - 0.770e6)) <= 1e3
+
+
+def test_difffit_params_cli_prints_the_default_placement_counts(capsys):
+    from launch.cli import main
+
+    assert main(["params", "--shape", "DiT-XL/2", "--classes", "101"]) == 0
+    out = capsys.readouterr().out
+    assert "'qkv': 'first_half', 'branches': 'first_half', 'final_layer': True" in out
+    assert "687,808  (0.688M" in out and "703,936 trainable (0.704M), 96,800 gammas" in out

@@ -215,8 +215,9 @@ async def sample(
 
     Shared by ``POST /generate`` and the OpenAI-compatible route. `resolution`
     None samples at the model's own (the version's trained one, the base's for
-    the base); the task carries the side used. Returns the task, the adapter ref (None: base), the class index and name, the version
-    and the :class:`difffit.contract.GenerateResult`.
+    the base); the task carries the side used. Returns the task, the adapter
+    ref (None: base), the class index and name, the version and the
+    :class:`difffit.contract.GenerateResult`.
     """
     if n > settings.max_images_per_request:
         raise InvalidRequest(f"n: {n} is above this server's limit of {settings.max_images_per_request}.")

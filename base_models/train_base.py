@@ -39,12 +39,12 @@ sys.path.insert(0, str(REPO))
 from diffusers import DDPMScheduler, DiTTransformer2DModel  # noqa: E402
 from diffusers.models.embeddings import LabelEmbedding  # noqa: E402
 
+from base_models.corpus import load_corpus  # noqa: E402
 from base_models.tiny import FASHION, scheduler_config_kwargs  # noqa: E402
 from core.diffusion import GaussianDiffusion  # noqa: E402
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
-LABELS = FASHION
-NUM_CLASSES = len(LABELS)
+LABELS = FASHION  # the default data set's classes; --corpus brings its own labels.json
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -79,7 +79,7 @@ def load_fmnist(data_dir: str, split: str = "train") -> tuple[torch.Tensor, torc
 # -- model -----------------------------------------------------------------------------------
 
 
-def build_model(args: argparse.Namespace) -> DiTTransformer2DModel:
+def build_model(args: argparse.Namespace, num_classes: int) -> DiTTransformer2DModel:
     model = DiTTransformer2DModel(
         num_attention_heads=args.heads,
         attention_head_dim=args.head_dim,
@@ -88,7 +88,7 @@ def build_model(args: argparse.Namespace) -> DiTTransformer2DModel:
         num_layers=args.layers,
         sample_size=32,
         patch_size=args.patch_size,
-        num_embeds_ada_norm=NUM_CLASSES,
+        num_embeds_ada_norm=num_classes,
         norm_type="ada_norm_zero",
     )
     dit_init_(model)
@@ -157,7 +157,7 @@ def set_train_mode(model: DiTTransformer2DModel) -> None:
     CombinedTimestepLabelEmbeddings) draws a fresh dropout mask on every call, and it is called
     once per block plus once for the output layer: a sample would be "unconditional" in some
     blocks and conditional in others. We drop labels ourselves, once per sample, by replacing
-    them with the null index NUM_CLASSES before the forward (see ``train``); in eval mode with
+    them with the null index (num_classes) before the forward (see ``train``); in eval mode with
     ``force_drop_ids=None`` LabelEmbedding just looks the labels up.
     """
     model.train()
@@ -169,7 +169,7 @@ def set_train_mode(model: DiTTransformer2DModel) -> None:
 # -- export ----------------------------------------------------------------------------------
 
 
-def export(ema: DiTTransformer2DModel, out: Path, info: dict) -> None:
+def export(ema: DiTTransformer2DModel, out: Path, info: dict, labels: list[str]) -> None:
     """Write the diffusers folder from the (tied) EMA model; untied copies on disk."""
     out.mkdir(parents=True, exist_ok=True)
     plain = DiTTransformer2DModel.from_config(ema.config)
@@ -188,7 +188,7 @@ def export(ema: DiTTransformer2DModel, out: Path, info: dict) -> None:
         "vae": [None, None],
     }
     (out / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
-    (out / "labels.json").write_text(json.dumps(LABELS, indent=2) + "\n")
+    (out / "labels.json").write_text(json.dumps(labels, indent=2, ensure_ascii=False) + "\n")
     (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
@@ -206,6 +206,10 @@ def lr_at(step: int, args: argparse.Namespace) -> float:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=FMNIST_DIR)
+    p.add_argument("--corpus", default="", help="train on a build_corpus.py folder instead of Fashion-MNIST")
+    p.add_argument("--class-subset", type=int, default=0, help="with --corpus: keep N classes spread evenly")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward (cuda)")
     p.add_argument("--out", default=str(REPO / "base_models" / "fmnist-dit"))
     p.add_argument("--state", default=str(REPO / "base_models" / "_state" / "fmnist-dit.pt"))
     p.add_argument("--resume", action="store_true")
@@ -229,6 +233,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--export-every", type=int, default=200)
     p.add_argument("--time-limit-min", type=float, default=42.0, help="stop and export after this (0 = none)")
+    p.add_argument(
+        "--fit-steps-to-time",
+        action="store_true",
+        help="set --steps from the rate over steps 50-150: the cosine decay ends with the time limit",
+    )
     return p.parse_args(argv)
 
 
@@ -236,15 +245,30 @@ def train(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out, state_path = Path(args.out), Path(args.state)
+    dev = torch.device(args.device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 parts (EMA, loss); the forward is bf16
 
-    x_all, y_all = load_fmnist(args.data_dir, "train")
+    if args.corpus:
+        corpus = load_corpus(args.corpus, "train", args.class_subset)
+        x_all, y_all, labels, flippable = corpus.images, corpus.labels, corpus.names, corpus.flippable
+        dataset = f"corpus {args.corpus} ({len(labels)} classes, {x_all.shape[0]} images), 32x32, [-1, 1]"
+        augmentation = "random horizontal flip of the flip_classes (Fashion-MNIST) only"
+    else:
+        x_all, y_all = load_fmnist(args.data_dir, "train")
+        labels, flippable = LABELS, torch.ones(len(LABELS), dtype=torch.bool)
+        dataset = "Fashion-MNIST train (60000), 28x28 zero-padded to 32x32, [-1, 1], 1 channel"
+        augmentation = "random horizontal flip"
+    num_classes = len(labels)
+    x_all, y_all, flippable = x_all.to(dev), y_all.to(dev), flippable.to(dev)
     n = x_all.shape[0]
     diffusion = GaussianDiffusion(1000, 1e-4, 0.02)
 
-    model = build_model(args)
+    model = build_model(args, num_classes)
     if args.init_from:
         init_from_(model, Path(args.init_from))
         print(f"initialised from {args.init_from}", flush=True)
+    model.to(dev)
     ema = copy.deepcopy(model).eval()  # deepcopy keeps the shared embedder shared
     ema.requires_grad_(False)
     params = list(model.parameters())  # deduplicated: the shared embedder appears once
@@ -261,11 +285,11 @@ def train(args: argparse.Namespace) -> None:
             {**prior["settings"], "until_step": prior["steps_done"], "wall_s": prior["wall_time_s"]}
         ]
     if args.resume and state_path.exists():
-        st = torch.load(state_path, map_location="cpu", weights_only=False)
+        st = torch.load(state_path, map_location=dev, weights_only=False)
         model.load_state_dict(st["model"])
         ema.load_state_dict(st["ema"])
         opt.load_state_dict(st["opt"])
-        gen.set_state(st["gen"])
+        gen.set_state(st["gen"].cpu())
         step, wall_before, history = st["step"], st["wall_s"], st["history"]
         phases, steps_before = st.get("phases", []), st.get("steps_before", 0)
         phases = phases + [{**st["args"], "until_step": step, "wall_s": round(wall_before, 1)}]
@@ -282,7 +306,7 @@ def train(args: argparse.Namespace) -> None:
         last = history[-1] if history else {}
         return {
             "status": status,
-            "dataset": "Fashion-MNIST train (60000), 28x28 zero-padded to 32x32, [-1, 1], 1 channel",
+            "dataset": dataset,
             "model": {k: v for k, v in model.config.items() if not k.startswith("_")},
             "params_trained": n_params,
             "params_saved": n_saved,
@@ -292,13 +316,15 @@ def train(args: argparse.Namespace) -> None:
             ),
             "settings": {k: v for k, v in vars(args).items() if k not in ("resume",)},
             "earlier_phases": phases,  # settings of runs this one resumed from, with their last step
-            "label_dropout": "once per sample to the null index 10, in train_base.py (embedder in eval mode)",
+            "label_dropout": (
+                f"once per sample to the null index {num_classes}, in train_base.py (embedder in eval mode)"
+            ),
             "optimizer": (
                 f"AdamW(betas=(0.9, 0.999), wd={args.weight_decay}), "
                 f"warmup {args.warmup}, cosine floor {args.min_lr_frac}"
             ),
             "ema": f"decay min({args.ema_decay}, (1+step)/(10+step)); the saved weights are the EMA",
-            "augmentation": "random horizontal flip",
+            "augmentation": augmentation,
             "steps_done": step,
             "steps_before": steps_before,  # in the phases before --init-from
             "wall_time_s": round(wall_before + (time.time() - t_start), 1),
@@ -334,26 +360,29 @@ def train(args: argparse.Namespace) -> None:
     t_start = time.time()
     set_train_mode(model)
     perm, pos = torch.randperm(n, generator=gen), 0
-    sm = {"loss": None, "mse": None, "vb": None}  # exponential moving averages for logging
+    sm: dict[str, torch.Tensor | None] = {"loss": None, "mse": None, "vb": None}  # moving averages, on dev
     t_log = time.time()
+    first_step = step
     while step < args.steps:
         if pos + args.batch_size > n:
             perm, pos = torch.randperm(n, generator=gen), 0
-        idx = perm[pos : pos + args.batch_size]
+        idx = perm[pos : pos + args.batch_size].to(dev)
         pos += args.batch_size
         x0, y = x_all[idx], y_all[idx]
-        flip = torch.rand(x0.shape[0], generator=gen) < 0.5
+        # the generator stays on the CPU (same draws on every device); only glyph-free classes flip
+        flip = (torch.rand(x0.shape[0], generator=gen) < 0.5).to(dev) & flippable[y]
         x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        drop = torch.rand(y.shape[0], generator=gen) < args.label_dropout
-        y = torch.where(drop, torch.full_like(y, NUM_CLASSES), y)  # null class, once per sample
-        t = diffusion.sample_timesteps(x0.shape[0], generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
+        drop = (torch.rand(y.shape[0], generator=gen) < args.label_dropout).to(dev)
+        y = torch.where(drop, torch.full_like(y, num_classes), y)  # null class, once per sample
+        t = diffusion.sample_timesteps(x0.shape[0], generator=gen).to(dev)
+        noise = torch.randn(x0.shape, generator=gen).to(dev)
         x_t = diffusion.q_sample(x0, t, noise)
 
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
-        out_model = model(x_t, timestep=t, class_labels=y).sample
-        terms = diffusion.training_losses(out_model, x0, x_t, t, noise, vlb_weight=args.vlb_weight)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.bf16):
+            out_model = model(x_t, timestep=t, class_labels=y).sample
+        terms = diffusion.training_losses(out_model.float(), x0, x_t, t, noise, vlb_weight=args.vlb_weight)
         loss = terms["loss"].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -364,10 +393,22 @@ def train(args: argparse.Namespace) -> None:
             decay = min(args.ema_decay, (1 + step) / (10 + step))
             torch._foreach_lerp_(ema_params, params, 1.0 - decay)
         step += 1
+        if args.fit_steps_to_time and step == first_step + 50:
+            t_fit = time.time()
+        elif args.fit_steps_to_time and step == first_step + 150 and args.time_limit_min > 0:
+            # the cosine schedule should end when the time does: measured rate x time left
+            rate = 100 / (time.time() - t_fit)
+            left = 60 * args.time_limit_min - (time.time() - t_start)
+            args.steps = step + max(1, int(0.97 * rate * left))
+            print(
+                f"fit steps to time: {rate:.2f} steps/s, {left:.0f} s left -> --steps {args.steps}",
+                flush=True,
+            )
 
-        for k in sm:
-            v = float(terms[k].detach().mean())
-            sm[k] = v if sm[k] is None else 0.99 * sm[k] + 0.01 * v
+        with torch.no_grad():  # kept on the device: no host sync per step
+            for k in sm:
+                v = terms[k].detach().mean().float()
+                sm[k] = v if sm[k] is None else 0.99 * sm[k] + 0.01 * v
         if step % args.log_every == 0 or step == args.steps:
             el = wall_before + time.time() - t_start
             rate = args.log_every / (time.time() - t_log)
@@ -375,9 +416,9 @@ def train(args: argparse.Namespace) -> None:
             rec = {
                 "step": step,
                 "loss": round(loss.item(), 5),
-                "loss_ema": round(sm["loss"], 5),
-                "mse_ema": round(sm["mse"], 5),
-                "vb_ema": round(sm["vb"], 5),
+                "loss_ema": round(float(sm["loss"]), 5),
+                "mse_ema": round(float(sm["mse"]), 5),
+                "vb_ema": round(float(sm["vb"]), 5),
                 "lr": lr_at(step - 1, args),
                 "wall_s": round(el, 1),
             }
@@ -387,7 +428,7 @@ def train(args: argparse.Namespace) -> None:
         if step % args.export_every == 0 or step == args.steps or over_time:
             save_state()
             status = "complete" if step == args.steps else ("stopped_time_limit" if over_time else "partial")
-            export(ema, out, info(status))
+            export(ema, out, info(status), labels)
             print(f"exported EMA at step {step} to {out} ({status})", flush=True)
         if over_time:
             break

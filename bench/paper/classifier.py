@@ -46,16 +46,16 @@ class SmallCNN(nn.Module):
 def train_classifier(
     x: torch.Tensor, y: torch.Tensor, num_classes: int, epochs: int = 5, batch_size: int = 32, seed: int = 0
 ) -> SmallCNN:
-    """Adam (lr 1e-3) on x [N, 1, 32, 32], y [N]; fixed seed."""
+    """Adam (lr 1e-3) on x [N, 1, 32, 32], y [N]; fixed seed. Trains on x's device, returned there."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    model = SmallCNN(num_classes)
+    model = SmallCNN(num_classes).to(x.device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.train()
     for _ in range(epochs):
         order = torch.randperm(x.shape[0], generator=g)
         for i in range(0, x.shape[0], batch_size):
-            idx = order[i : i + batch_size]
+            idx = order[i : i + batch_size].to(x.device)
             loss = F.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -77,6 +77,10 @@ APT_FONTS = [
     "fonts-staypuft", "fonts-isabella",
 ]  # fmt: skip
 APT_DATA = ["dataset-fashion-mnist"]
+# Families whose cmap lies about the glyphs: left out, with the reason.
+SKIP_FAMILIES = {
+    "Standard Symbols PS": "Symbol-encoded (urw-base35): its cmap maps Latin letters to Greek glyphs",
+}
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FONT_SUFFIXES = (".ttf", ".otf")
 GLYPH_PX, BOX_PX, HI, SIZE = 96, 80, 128, 32  # render size, box at 4x, 4x canvas, output
@@ -278,7 +282,7 @@ def build(args: argparse.Namespace) -> dict:
         if args.install:
             ensure_packages(APT_FONTS + ([] if args.no_fashion else APT_DATA))
         files = package_fonts(APT_FONTS)
-    fonts = [f for f in (read_font(p) for p in files) if f is not None]
+    fonts = [f for f in (read_font(p) for p in files) if f is not None and f.family not in SKIP_FAMILIES]
     if not fonts:
         raise SystemExit("no fonts found: install the packages in APT_FONTS or pass --font-dir")
     classes = choose_classes(fonts, args.min_families, args.max_classes)
@@ -344,6 +348,7 @@ def build(args: argparse.Namespace) -> dict:
         "apt_fonts": APT_FONTS if not args.font_dir else [],
         "font_files": [str(f.path) for f in fonts],
         "families": sorted({f.family for f in fonts}),
+        "skipped_families": SKIP_FAMILIES,
         "fonts_per_class": per_class_fonts,
         "excluded": EXCLUDED,
         "sha256": digests,

@@ -275,6 +275,9 @@ def train(args: argparse.Namespace) -> None:
     ema_params = list(ema.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     gen = torch.Generator().manual_seed(args.seed)
+    # per-step draws on the training device: a CPU draw copied to a GPU would wait for the GPU
+    # every step (a pageable copy is ordered after the queued kernels); on the CPU it is ``gen``
+    dgen = gen if dev.type == "cpu" else torch.Generator(device=dev).manual_seed(args.seed + 1)
 
     step, wall_before, history, phases = 0, 0.0, [], []
     steps_before = 0  # steps of the model this run was initialised from (--init-from)
@@ -290,6 +293,8 @@ def train(args: argparse.Namespace) -> None:
         ema.load_state_dict(st["ema"])
         opt.load_state_dict(st["opt"])
         gen.set_state(st["gen"].cpu())
+        if dgen is not gen and "dgen" in st:
+            dgen.set_state(st["dgen"].cpu())
         step, wall_before, history = st["step"], st["wall_s"], st["history"]
         phases, steps_before = st.get("phases", []), st.get("steps_before", 0)
         phases = phases + [{**st["args"], "until_step": step, "wall_s": round(wall_before, 1)}]
@@ -346,6 +351,7 @@ def train(args: argparse.Namespace) -> None:
                 "ema": ema.state_dict(),
                 "opt": opt.state_dict(),
                 "gen": gen.get_state(),
+                "dgen": dgen.get_state(),
                 "step": step,
                 "wall_s": wall,
                 "history": history,
@@ -359,23 +365,23 @@ def train(args: argparse.Namespace) -> None:
 
     t_start = time.time()
     set_train_mode(model)
-    perm, pos = torch.randperm(n, generator=gen), 0
+    perm, pos = torch.randperm(n, generator=gen).to(dev), 0
     sm: dict[str, torch.Tensor | None] = {"loss": None, "mse": None, "vb": None}  # moving averages, on dev
     t_log = time.time()
     first_step = step
     while step < args.steps:
         if pos + args.batch_size > n:
-            perm, pos = torch.randperm(n, generator=gen), 0
-        idx = perm[pos : pos + args.batch_size].to(dev)
+            perm, pos = torch.randperm(n, generator=gen).to(dev), 0
+        idx = perm[pos : pos + args.batch_size]
         pos += args.batch_size
         x0, y = x_all[idx], y_all[idx]
-        # the generator stays on the CPU (same draws on every device); only glyph-free classes flip
-        flip = (torch.rand(x0.shape[0], generator=gen) < 0.5).to(dev) & flippable[y]
+        b = x0.shape[0]
+        flip = (torch.rand(b, generator=dgen, device=dev) < 0.5) & flippable[y]  # Fashion classes only
         x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        drop = (torch.rand(y.shape[0], generator=gen) < args.label_dropout).to(dev)
+        drop = torch.rand(b, generator=dgen, device=dev) < args.label_dropout
         y = torch.where(drop, torch.full_like(y, num_classes), y)  # null class, once per sample
-        t = diffusion.sample_timesteps(x0.shape[0], generator=gen).to(dev)
-        noise = torch.randn(x0.shape, generator=gen).to(dev)
+        t = diffusion.sample_timesteps(b, generator=dgen, device=dev)
+        noise = torch.randn(x0.shape, generator=dgen, device=dev)
         x_t = diffusion.q_sample(x0, t, noise)
 
         for g in opt.param_groups:

@@ -39,15 +39,15 @@ def sample(
     """
     n = labels.shape[0]
     c, size = model.config.in_channels, model.config.sample_size
-    null = torch.full_like(labels, model.config.num_embeds_ada_norm)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, c, size, size, generator=g).to(device)
     labels = labels.to(device)
+    null = torch.full_like(labels, model.config.num_embeds_ada_norm)
     scheduler.set_timesteps(steps)
     y_in = torch.cat([labels, null]) if guidance_scale != 1.0 else labels
     for t in scheduler.timesteps:
         x_in = torch.cat([x, x]) if guidance_scale != 1.0 else x
-        t_in = torch.full((x_in.shape[0],), int(t), dtype=torch.long)
+        t_in = torch.full((x_in.shape[0],), int(t), dtype=torch.long, device=x.device)
         eps = model(x_in, timestep=t_in, class_labels=y_in).sample[:, :c]  # drop learned sigma
         if guidance_scale != 1.0:
             cond, uncond = eps.chunk(2)

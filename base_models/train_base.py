@@ -246,6 +246,8 @@ def train(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     out, state_path = Path(args.out), Path(args.state)
     dev = torch.device(args.device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())  # the generator's device must match
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 parts (EMA, loss); the forward is bf16
 

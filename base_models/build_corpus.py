@@ -274,7 +274,15 @@ def fashion(data_dir: str, per_class: int, split: str, seed: int) -> tuple[np.nd
 
 
 def build(args: argparse.Namespace) -> dict:
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the warp's result must not depend on the thread count
+    try:
+        return _build(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     if args.font_dir:
         files = sorted(p for p in Path(args.font_dir).rglob("*") if p.suffix.lower() in FONT_SUFFIXES)

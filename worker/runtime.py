@@ -19,6 +19,7 @@ import torch
 from adapters_store import BlobStore, Registry
 from core.adapter.file import load_adapter
 from core.base_model import BaseModel, load_base, resolve_device
+from core.engine.capacity import Capacity, device_budget, plan_capacity, vector_width
 from core.engine.engine import Engine
 from core.engine.sampling import SampleRequest
 from difffit.contract import GenerateResult, GenerateTask
@@ -42,16 +43,41 @@ class Runtime:
             device = resolve_device(settings.device)
             base = load_base(settings.base_model, device=device, dtype=DTYPES[settings.dtype])
         self.base = base
+        self.capacity = self._plan_capacity()
         self.engine = Engine(
             base,
-            slots=settings.adapter_slots,
+            slots=self.capacity.slots,
             max_classes=settings.max_classes,
             max_batch_size=settings.max_batch_size,
             train_share=settings.train_share,
         ).start()
         self._adapters: OrderedDict[str, tuple[dict, dict]] = OrderedDict()
         self._adapters_lock = threading.Lock()
-        log.info("engine up: base %s (hash %s...)", base.model_id, base.content_hash[:12])
+        log.info(
+            "engine up: base %s (hash %s...), %d adapter slots",
+            base.model_id,
+            base.content_hash[:12],
+            self.capacity.slots,
+        )
+
+    def _plan_capacity(self) -> Capacity:
+        """Device slots and class rows: the configured number, or sized by memory (auto)."""
+        s, transformer = self.settings, self.base.transformer
+        table = transformer.transformer_blocks[0].norm1.emb.class_embedder.embedding_table.weight
+        budget = None
+        if s.adapter_slots == "auto":
+            budget = device_budget(
+                table.device, s.adapter_memory_fraction, s.activation_reserve_mb, s.adapter_cpu_budget_mb
+            )
+        return plan_capacity(
+            s.adapter_slots,
+            width=vector_width(transformer),
+            dim=table.shape[1],
+            base_rows=table.shape[0],
+            max_classes=s.max_classes,
+            budget_classes=s.adapter_budget_classes,
+            budget_bytes=budget,
+        )
 
     # -- adapters on the host --------------------------------------------------
     def adapter(self, sha256: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -64,7 +90,7 @@ class Runtime:
         tensors, meta = load_adapter(data, base_hash=self.base.content_hash)
         with self._adapters_lock:
             self._adapters[sha256] = (tensors, meta)
-            while len(self._adapters) > 4 * self.settings.adapter_slots:
+            while len(self._adapters) > 4 * self.capacity.slots:
                 self._adapters.popitem(last=False)
         return tensors, meta
 

@@ -271,6 +271,7 @@ def main() -> int:
     parser.add_argument("--latent", type=int, default=8, help="latent side (8 = 64 px)")
     parser.add_argument("--batch", type=int, default=16, help="rows per forward in the ratio tests")
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds per forward ratio")
+    parser.add_argument("--requests", type=int, default=64, help="requests in the batching figure")
     parser.add_argument("--request-rounds", type=int, default=3, help="rounds of the requests figure")
     parser.add_argument("--quick", action="store_true", help="fewer rounds and steps (smoke run)")
     args = parser.parse_args()
@@ -308,7 +309,7 @@ def main() -> int:
                 args.latent,
                 store,
                 shas,
-                64,
+                args.requests,
                 steps=5 if args.quick else 10,
                 rounds=2 if args.quick else args.request_rounds,
             ),  # fmt: skip

@@ -34,7 +34,7 @@ def machine() -> dict:
 def spread(values: list[float]) -> dict:
     """median, min, quartiles and max of `values`."""
     v = sorted(values)
-    q = statistics.quantiles(v, n=4) if len(v) > 1 else [v[0]] * 3
+    q = statistics.quantiles(v, n=4, method="inclusive") if len(v) > 1 else [v[0]] * 3
     return {"median": statistics.median(v), "min": v[0], "p25": q[0], "p75": q[2], "max": v[-1], "n": len(v)}
 
 

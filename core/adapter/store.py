@@ -76,8 +76,9 @@ class RowStore:
     """
 
     def __init__(self, capacity: int, dim: int, slots: int, device: torch.device | str):
-        # empty, not zeros: rows are only read once a table was written there.
-        self.rows = torch.empty(capacity, dim, dtype=torch.float32, device=device)
+        # zeros, not empty: free rows are never read by a forward, but no tensor of the
+        # model ever holds uninitialized memory (comparing buffers never meets arbitrary bits).
+        self.rows = torch.zeros(capacity, dim, dtype=torch.float32, device=device)
         self.offset = [0] * slots
         self.count = [0] * slots  # rows a slot owns (C + 1), 0 = none
         self.offsets_t = torch.zeros(slots, dtype=torch.long, device=device)

@@ -188,8 +188,9 @@ class DiffFitDiT(nn.Module):
 
     # -- forward -------------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, route: Route) -> torch.Tensor:
-        if route.slots is not None and route.params is None and route.rows is None:
-            # Mixed batch: every layer's rows, gathered once for the whole forward.
+        if route.slots is not None and route.params is None:
+            # Mixed batch: every layer's rows, gathered once for the whole forward (again for
+            # every forward: a route reused after a slot was reloaded must not serve old rows).
             route.rows = self.vectors.index_select(0, route.slots)
             route.gamma_on = frozenset().union(*(self.holder.gammas[s] for s in route.unique_slots))
         self.holder.current = route

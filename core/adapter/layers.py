@@ -97,8 +97,8 @@ def linear_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x.float(), weight.float())
 
 
-class _Banked(nn.Module):
-    """What both adapted layers share: their columns of the model's fp32 bank."""
+class _Banked:
+    """What both adapted layers share (a mixin): their columns of the model's fp32 bank."""
 
     holder: RouteHolder
     index: int
@@ -128,7 +128,7 @@ class _Banked(nn.Module):
         return self.index in self.holder.gammas[slot]
 
 
-class AdaptedLinear(_Banked):
+class AdaptedLinear(_Banked, nn.Module):
     """A frozen ``nn.Linear`` whose bias (and optional gamma) come from the bank.
 
     Shapes: x [B, ..., in] -> y [B, ..., out] in x's dtype; bias_bank,
@@ -197,7 +197,7 @@ class AdaptedLinear(_Banked):
         return self.method.forward_mixed(self, x, route)
 
 
-class AdaptedConv2d(_Banked):
+class AdaptedConv2d(_Banked, nn.Module):
     """A frozen patch-embedding ``nn.Conv2d`` with a banked bias (no gamma).
 
     Shapes: x [B, C, H, W] -> y [B, D, H/p, W/p] in x's dtype; bias_bank [S, D] fp32.

@@ -347,11 +347,13 @@ Adapter file: {r["adapter_bytes"]:,} bytes.
 | forward time, adapter applied / plain diffusers | **{f["ours_adapter_over_plain_time"]:.3f}** (base slot {f["ours_base_over_plain_time"]:.3f}) | {p["lora_over_plain_time"]:.3f} | <= 1.03 |
 | {q["requests"]} requests / {q["adapters"]} adapters, continuous batching vs one at a time ({q["rounds"]} rounds each, alternating) | **{q["speedup"]:.2f}x** ({_range(q["speedup_spread"], "{:.2f}")}; medians {q["continuous_batching_s"]:.1f} s vs {q["one_at_a_time_s"]:.1f} s, {q["steps"]} DDIM steps, guidance 4) | n/a (no step-level batching) | >= 3x |
 
-Median seconds per forward: {json.dumps({k: round(v, 4) for k, v in {**f["seconds"], **p["seconds"]}.items()})}
+Median seconds per forward, engine table: {json.dumps({k: round(v, 4) for k, v in f["seconds"].items()})};
+PEFT table: {json.dumps({k: round(v, 4) for k, v in p["seconds"].items()})}
 
 The mixed-batch path gathers every adapted layer's bias and gamma rows with one `index_select` per
-forward from the fp32 bank ([S, V]) and applies one fused `addcmul` per layer (an `add` where no
-sample of the batch has a gamma there); see `bench/results/capacity.md` for the options measured.
+forward from the fp32 bank ([S, V]) and applies one fused `addcmul` per layer where some sample has
+a gamma there, else writes the bias rows into the output for the matmul to add onto; see
+`bench/results/capacity.md` for the options measured.
 
 GPU (DiT-XL/2 at 256 px, bf16): not measured in this run — no GPU was lent to this task.
 """

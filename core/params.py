@@ -43,7 +43,7 @@ def count_for_shape(
         model = DiffFitDiT(transformer, slots=1, max_classes=0, check_ties=False)
     base_params = sum(p.numel() for p in model.parameters())  # frozen weights
     base_params += sum(m.bias_bank.shape[1] for m in model.layers.values())
-    base_table = model.class_table.bank.shape[1] * model.hidden_size
+    base_table = (model.base_num_classes + 1) * model.hidden_size
     base_params += base_table
     shapes = model.adapter_shapes(placement, num_classes)
     trainable = count_params(shapes)

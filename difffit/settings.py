@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -68,7 +68,28 @@ class Settings(BaseSettings):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Inference dtype of the resident base."
     )
-    adapter_slots: int = Field(16, ge=2, description="Device-resident adapter slots (slot 0 = base).")
+    adapter_slots: Annotated[int, Field(ge=2)] | Literal["auto"] = Field(
+        16, description="Device adapter slots (slot 0 = base), or auto: as many as the memory budget holds."
+    )
+    adapter_memory_fraction: float = Field(
+        0.9,
+        gt=0,
+        le=1.0,
+        description="With slots auto on CUDA: share of the device memory free after the base and the "
+        "activation reserve that the adapter slots take.",
+    )
+    activation_reserve_mb: int = Field(
+        16384, ge=0, description="With slots auto on CUDA: device memory (MiB) kept free for activations."
+    )
+    adapter_cpu_budget_mb: int = Field(
+        64, ge=1, description="With slots auto on a CPU device: memory (MiB) of the adapter slots."
+    )
+    adapter_budget_classes: int = Field(
+        100, ge=1, description="Classes per adapter assumed when sizing the shared class-row store."
+    )
+    host_tier_mb: int = Field(
+        2048, ge=0, description="Host memory (MiB) of parsed adapters kept beyond the device slots (LRU)."
+    )
     max_batch_size: int = Field(64, ge=1, description="Most samples in one engine forward.")
     max_classes: int = Field(
         1000, ge=1, description="Most classes an adapter may have (rows of its class table - 1)."

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import base64
 import logging
-import threading
 import time
-from collections import OrderedDict
 from concurrent.futures import TimeoutError as FutureTimeout
 
 import torch
 
 from adapters_store import Registry, blob_store_from_settings
 from core.adapter.file import load_adapter
+from core.adapter.store import PackedAdapter
 from core.base_model import BaseModel, load_base, resolve_device
+from core.engine.capacity import Capacity, device_budget, plan_capacity, vector_width
 from core.engine.engine import Engine
+from core.engine.host_tier import HostTier
 from core.engine.sampling import SampleRequest
 from difffit.contract import GenerateResult, GenerateTask
 from difffit.errors import AdapterNotFound, GenerationTimeout, InvalidRequest
@@ -56,31 +57,62 @@ class Runtime:
             device = resolve_device(settings.device)
             base = load_base(settings.base_model, device=device, dtype=DTYPES[settings.dtype])
         self.base = base
+        self.capacity = self._plan_capacity()
         self.engine = Engine(
             base,
-            slots=settings.adapter_slots,
+            slots=self.capacity.slots,
             max_classes=settings.max_classes,
             max_batch_size=settings.max_batch_size,
             train_share=settings.train_share,
+            table_rows=self.capacity.table_rows,
         ).start()
-        self._adapters: OrderedDict[str, tuple[dict, dict]] = OrderedDict()
-        self._adapters_lock = threading.Lock()
-        log.info("engine up: base %s (hash %s...)", base.model_id, base.content_hash[:12])
+        on_cuda = self.engine.device.type == "cuda"
+        self.host_tier = HostTier(settings.host_tier_mb * 1024**2, pin=on_cuda)
+        log.info(
+            "engine up: base %s (hash %s...), %d adapter slots, %d class rows",
+            base.model_id,
+            base.content_hash[:12],
+            self.capacity.slots,
+            self.capacity.table_rows,
+        )
+
+    def _plan_capacity(self) -> Capacity:
+        """Device slots and class rows: the configured number, or sized by memory (auto)."""
+        s, transformer = self.settings, self.base.transformer
+        table = transformer.transformer_blocks[0].norm1.emb.class_embedder.embedding_table.weight
+        budget = None
+        if s.adapter_slots == "auto":
+            budget = device_budget(
+                table.device, s.adapter_memory_fraction, s.activation_reserve_mb, s.adapter_cpu_budget_mb
+            )
+        return plan_capacity(
+            s.adapter_slots,
+            width=vector_width(transformer),
+            dim=table.shape[1],
+            base_rows=table.shape[0],
+            max_classes=s.max_classes,
+            budget_classes=s.adapter_budget_classes,
+            budget_bytes=budget,
+        )
 
     # -- adapters on the host --------------------------------------------------
     def adapter(self, sha256: str) -> tuple[dict[str, torch.Tensor], dict]:
-        """Parsed adapter (tensors, metadata) by content hash, verified and LRU-cached."""
-        with self._adapters_lock:
-            if sha256 in self._adapters:
-                self._adapters.move_to_end(sha256)
-                return self._adapters[sha256]
+        """Parsed adapter (tensors, metadata) by content hash, read and verified from the store."""
         data = self.blobs.get_bytes(sha256)  # re-hashes: CorruptBlob on mismatch
-        tensors, meta = load_adapter(data, base_hash=self.base.content_hash)
-        with self._adapters_lock:
-            self._adapters[sha256] = (tensors, meta)
-            while len(self._adapters) > 4 * self.settings.adapter_slots:
-                self._adapters.popitem(last=False)
-        return tensors, meta
+        return load_adapter(data, base_hash=self.base.content_hash)
+
+    def packed_adapter(self, sha256: str) -> tuple[PackedAdapter, dict]:
+        """The adapter laid out for the device bank, from the host tier (filled on a miss).
+
+        Runs on the task thread: reading, hashing, parsing and packing never hold
+        up the engine thread, which only copies the packed rows into a slot.
+        """
+
+        def load() -> tuple[PackedAdapter, dict]:
+            tensors, meta = self.adapter(sha256)
+            return self.engine.model.pack(tensors), meta
+
+        return self.host_tier.get_or_load(sha256, load)
 
     def _check_still_registered(self, ref) -> None:
         """An adapter deleted after the API resolved it is not served, even from a warm slot."""
@@ -107,7 +139,7 @@ class Runtime:
         if task.adapter is not None:
             key = task.adapter.sha256
             self._check_still_registered(task.adapter)
-            tensors, meta = self.adapter(key)
+            tensors, meta = self.packed_adapter(key)
             num_classes, who = meta["num_classes"], f"adapter {task.adapter.name!r}"
             trained_at = int(meta.get("resolution") or self.base.resolution)
         else:

@@ -11,8 +11,13 @@ Tensors (named and checked by :mod:`difffit.adapter_format`): ``"<layer>.bias"``
 
 The affine is written once per routing path, in :meth:`DiffFit.forward_slot`,
 :meth:`DiffFit.forward_mixed` and :meth:`DiffFit.forward_live`; the adapted
-layers supply only ``project`` (``W x``, optionally with a fused bias) and the
-broadcasting of per-channel vectors (``rows``, ``channels``).
+layers supply only ``project`` (``W x``, optionally with a fused bias),
+``project32`` / ``project_rows`` (fp32 results) and the broadcasting of
+per-channel vectors (``rows``, ``channels``).
+
+Serving precision: the bank and class rows are fp32 whatever the base's dtype;
+with a bf16/fp16 base the affine runs in fp32 on an fp32 ``W x`` and the result
+is cast once to the activation dtype, so gammas like 1.002 keep their effect.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from torch import nn
 
 from core.adapter.method import AdapterMethod
 from core.adapter.placement import diffusers_paths, gamma_layers
+from core.adapter.store import PackedAdapter, copy_into
 from difffit.adapter_format import CLASS_TABLE, check_shapes, tensor_name
 from difffit.contract import Placement
 from difffit.errors import IncompatibleAdapter
@@ -62,7 +68,7 @@ class DiffFit(AdapterMethod):
         out = {tensor_name(n, "bias"): m.bias_bank[0].clone().float() for n, m in model.layers.items()}
         for n in gamma_layers(placement, model.num_layers):
             out[tensor_name(n, "gamma")] = torch.ones_like(out[tensor_name(n, "bias")])
-        null = model.class_table.bank[0, model.base_num_classes].float().cpu()
+        null = model.class_table.table(0)[model.base_num_classes].float().cpu()
         noise = torch.randn(num_classes, null.shape[0], generator=generator) * 0.02
         table = torch.cat([null + noise, null[None]], dim=0)
         out[CLASS_TABLE] = table.to(out[next(iter(out))].device)
@@ -80,41 +86,70 @@ class DiffFit(AdapterMethod):
         required = {tensor_name(n, "bias") for n in model.layers} | {CLASS_TABLE}
         check_shapes({k: tuple(v.shape) for k, v in tensors.items()}, spec, required)
         rows = tensors[CLASS_TABLE].shape[0]
-        if rows > model.class_table.bank.shape[1]:
+        if rows - 1 > model.most_classes:
             raise IncompatibleAdapter(
                 f"adapter has {rows - 1} classes; this worker allows at most "
-                f"{model.class_table.bank.shape[1] - 1} (DIFFFIT_MAX_CLASSES)"
+                f"{model.most_classes} (DIFFFIT_MAX_CLASSES and the class-row store)"
             )
 
-    @torch.no_grad()
-    def load_slot(self, model: DiffFitDiT, slot: int, tensors: dict[str, torch.Tensor]) -> None:
-        for name, layer in model.layers.items():
-            layer.bias_bank[slot].copy_(tensors[tensor_name(name, "bias")])
-            gamma = tensors.get(tensor_name(name, "gamma"))
-            if layer.gamma_bank is not None:
+    def pack(self, model: DiffFitDiT, tensors: dict[str, torch.Tensor]) -> PackedAdapter:
+        """Checked tensors laid out as one bank row (fp32, host) plus the class table.
+
+        Reads only the model's fixed layout, so task threads pack while the
+        engine thread serves; loading a packed adapter is then two copies.
+        """
+        pieces, gammas = [], set()
+        for layer in model.layers.values():
+            pieces.append(tensors[tensor_name(layer.name, "bias")].detach().float().cpu().reshape(-1))
+            if layer.gamma_cols is not None:
+                gamma = tensors.get(tensor_name(layer.name, "gamma"))
                 if gamma is None:
-                    layer.gamma_bank[slot].fill_(1.0)
+                    pieces.append(torch.ones(layer.gamma_cols[1] - layer.gamma_cols[0]))
                 else:
-                    layer.gamma_bank[slot].copy_(gamma)
-            layer.has_gamma[slot] = gamma is not None
-        table = tensors[CLASS_TABLE]
-        model.class_table.bank[slot].zero_()
-        model.class_table.bank[slot, : table.shape[0]].copy_(table)
-        model.class_table.num_classes[slot] = table.shape[0] - 1
+                    pieces.append(gamma.detach().float().cpu().reshape(-1))
+                    gammas.add(layer.index)
+        table = tensors[CLASS_TABLE].detach().float().cpu().contiguous()
+        return PackedAdapter(torch.cat(pieces), table, frozenset(gammas))
+
+    @torch.no_grad()
+    def load_slot(
+        self, model: DiffFitDiT, slot: int, tensors: dict[str, torch.Tensor] | PackedAdapter
+    ) -> None:
+        packed = tensors if isinstance(tensors, PackedAdapter) else self.pack(model, tensors)
+        model.row_store.place(slot, packed.table)  # raises when the rows do not fit
+        copy_into(model.vectors[slot], packed.vector)
+        model.holder.gammas[slot] = packed.gammas
+        model.class_table.num_classes[slot] = packed.num_classes
 
     # -- the affine, once per routing path ------------------------------------------
     def forward_slot(self, layer: AdaptedLayer, x: torch.Tensor, slot: int) -> torch.Tensor:
-        # The cheap path: BitFit rows fuse the bias into the matmul; gamma rows are one addcmul.
-        if not layer.has_gamma[slot]:
-            return layer.project(x, layer.bias_bank[slot])
-        return torch.addcmul(layer.bias_bank[slot], layer.project(x), layer.gamma_bank[slot])
+        # fp32 base, gamma 1: the bias fuses into the matmul. Otherwise one addcmul in fp32.
+        row = layer.holder.vectors[slot]
+        bias = row[layer.bias_cols[0] : layer.bias_cols[1]]
+        gamma = layer.gamma_in(slot)
+        exact = x.dtype == torch.float32
+        if exact and not gamma:
+            return layer.project(x, bias)
+        y = layer.project32(x)
+        if gamma:
+            g = row[layer.gamma_cols[0] : layer.gamma_cols[1]]
+            y = torch.addcmul(layer.channels(bias), y, layer.channels(g))
+        else:
+            y = y.add_(layer.channels(bias))
+        return y if exact else y.to(x.dtype)
 
     def forward_mixed(self, layer: AdaptedLayer, x: torch.Tensor, route: Route) -> torch.Tensor:
-        # Gather each sample's rows [B, out] and broadcast them over tokens (or pixels).
-        y = layer.project(x)
-        if any(layer.has_gamma[s] for s in route.unique_slots):
-            y = y * layer.rows(layer.gamma_bank[route.slots], y)
-        return y + layer.rows(layer.bias_bank[route.slots], y)
+        # Each sample's rows were gathered once for all layers (route.rows [B, V], fp32):
+        # one addcmul where some sample has a gamma here, else the rows ride the matmul.
+        rows = route.rows
+        bias = rows[:, layer.bias_cols[0] : layer.bias_cols[1]]
+        if layer.index in route.gamma_on:
+            y = layer.project32(x)
+            g = rows[:, layer.gamma_cols[0] : layer.gamma_cols[1]]
+            y = torch.addcmul(layer.rows(bias, y), y, layer.rows(g, y))
+        else:
+            y = layer.project_rows(x, bias)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def forward_live(
         self, layer: AdaptedLayer, x: torch.Tensor, params: dict[str, torch.Tensor]

@@ -1,20 +1,22 @@
 """Adapted layers: a frozen weight followed by a per-adapter transform of its output.
 
 Every place DiffFit touches computes ``y = gamma * (W x) + b`` with ``W``
-frozen (``../shared/DESIGN.md`` section 1). Each adapted layer keeps a *bank*
-of S rows of ``gamma`` and ``b`` (slot 0 is the base model) and a shared
-:class:`Route` tells it, per forward, which rows to use:
+frozen (``../shared/DESIGN.md`` section 1). The rows of ``gamma`` and ``b``
+of all S slots live in one fp32 bank ``[S, V]`` (slot 0 is the base; each
+adapted layer owns fixed columns of it, :mod:`core.adapter.store`), and a
+shared :class:`Route` tells the layers, per forward, which rows to use:
 
 - ``Route.slot``: every sample uses one slot (the cheap path: one fused
-  ``F.linear`` with that slot's bias when its gamma is 1);
-- ``Route.slots``: one slot index per sample (mixed-adapter batches): gather
-  rows ``[B, out]`` and broadcast over tokens;
+  ``F.linear`` with that slot's bias when its gamma is 1 and the base is fp32);
+- ``Route.slots``: one slot index per sample (mixed-adapter batches): the
+  model gathers every layer's rows once per forward (``Route.rows`` [B, V]);
 - ``Route.params``: live trainable tensors of a fine-tuning job, so autograd
   reaches them while the bank and the base stay frozen.
 
 The arithmetic of each path belongs to the adapter method
 (:mod:`core.adapter.method`, :mod:`core.adapter.difffit`); a layer picks the
-path and supplies ``project`` (``W x``), ``rows`` and ``channels``.
+path and supplies ``project`` (``W x``), ``project32`` (``W x`` with an fp32
+result, for a bf16/fp16 base), ``rows`` and ``channels``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from difffit.adapter_format import CLASS_TABLE
 
 if TYPE_CHECKING:
     from core.adapter.method import AdapterMethod
+    from core.adapter.store import RowStore
 
 
 @dataclass
@@ -40,6 +43,9 @@ class Route:
     slots: torch.Tensor | None = None  # [B] long, one slot per sample
     unique_slots: tuple[int, ...] = ()
     params: dict[str, torch.Tensor] | None = None  # name -> live tensor (training)
+    # Filled by the model at the start of a mixed forward:
+    rows: torch.Tensor | None = None  # [B, V] fp32: every layer's bank row per sample
+    gamma_on: frozenset[int] = frozenset()  # layers where some sample's slot has a gamma
 
     @classmethod
     def single(cls, slot: int) -> Route:
@@ -61,15 +67,72 @@ class Route:
 
 @dataclass
 class RouteHolder:
-    """One mutable holder shared by reference by every adapted layer of a model."""
+    """One mutable holder shared by reference by every adapted layer of a model.
+
+    ``vectors`` is the model's [S, V] fp32 bank; ``gammas[s]`` the indices of
+    the layers whose gamma in slot s is not implicitly 1. Both set by the model.
+    """
 
     current: Route = field(default_factory=Route)
+    vectors: torch.Tensor | None = None
+    gammas: list[frozenset[int]] = field(default_factory=list)
 
 
-class AdaptedLinear(nn.Module):
-    """A frozen ``nn.Linear`` whose bias (and optional gamma) come from a bank.
+def linear_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x W^T`` with an fp32 result: x [..., in] -> [..., out] fp32.
 
-    Shapes: x [B, ..., in] -> y [B, ..., out]; bias_bank, gamma_bank [S, out].
+    For a bf16/fp16 base: rounded to bf16 first, ``W x`` would sit on the bf16
+    grid and a sub-ulp change (gamma 1.002) would round away the same way for
+    every token of a channel, instead of averaging out. CUDA: a half-precision
+    matmul that writes fp32 (``out_dtype``); elsewhere the operands are upcast.
+    """
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.linear(x, weight)
+    if x.is_cuda and x.dtype == weight.dtype:
+        try:
+            flat = torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out_dtype=torch.float32)
+            return flat.view(*x.shape[:-1], weight.shape[0])
+        except (RuntimeError, TypeError):  # no such kernel for this GPU or build
+            pass
+    return F.linear(x.float(), weight.float())
+
+
+class _Banked:
+    """What both adapted layers share (a mixin): their columns of the model's fp32 bank."""
+
+    holder: RouteHolder
+    index: int
+    bias_cols: tuple[int, int]
+    gamma_cols: tuple[int, int] | None
+
+    @property
+    def bias_bank(self) -> torch.Tensor:
+        """[S, out] fp32, a view of the bank."""
+        a, b = self.bias_cols
+        return self.holder.vectors[:, a:b]
+
+    @property
+    def gamma_bank(self) -> torch.Tensor | None:
+        """[S, out] fp32, a view of the bank; None where no gamma can be placed."""
+        if self.gamma_cols is None:
+            return None
+        a, b = self.gamma_cols
+        return self.holder.vectors[:, a:b]
+
+    @property
+    def gamma_placeable(self) -> bool:
+        return self.gamma_cols is not None
+
+    def gamma_in(self, slot: int) -> bool:
+        """Whether the adapter in `slot` has a gamma here (else it is 1)."""
+        return self.index in self.holder.gammas[slot]
+
+
+class AdaptedLinear(_Banked, nn.Module):
+    """A frozen ``nn.Linear`` whose bias (and optional gamma) come from the bank.
+
+    Shapes: x [B, ..., in] -> y [B, ..., out] in x's dtype; bias_bank,
+    gamma_bank [S, out] fp32 (columns ``bias_cols``/``gamma_cols`` of the bank).
     """
 
     def __init__(
@@ -77,33 +140,43 @@ class AdaptedLinear(nn.Module):
         base: nn.Linear,
         name: str,
         holder: RouteHolder,
-        slots: int,
-        gamma: bool,
+        index: int,
+        bias_cols: tuple[int, int],
+        gamma_cols: tuple[int, int] | None,
         method: AdapterMethod,
     ):
         super().__init__()
         self.name = name
         self.holder = holder
         self.method = method
+        self.index = index
+        self.bias_cols, self.gamma_cols = bias_cols, gamma_cols
         self.weight = nn.Parameter(base.weight.detach(), requires_grad=False)
-        out = base.out_features
-        bias = base.bias.detach() if base.bias is not None else torch.zeros(out)
-        self.register_buffer("bias_bank", bias.expand(slots, out).clone(), persistent=False)
-        self.gamma_placeable = gamma
-        if gamma:
-            ones = torch.ones(slots, out, dtype=bias.dtype, device=bias.device)
-            self.register_buffer("gamma_bank", ones, persistent=False)
-        else:
-            self.gamma_bank = None
-        self.has_gamma = [False] * slots  # per slot: is gamma != 1 anywhere
 
     @property
     def out_features(self) -> int:
         return self.weight.shape[0]
 
     def project(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """W x (+ bias, fused): x [B, ..., in] -> [B, ..., out]."""
+        """W x (+ bias, fused): x [B, ..., in] -> [B, ..., out] in x's dtype."""
         return F.linear(x, self.weight, bias)
+
+    def project32(self, x: torch.Tensor) -> torch.Tensor:
+        """W x with an fp32 result: x [B, ..., in] -> [B, ..., out] fp32."""
+        return linear_fp32(x, self.weight)
+
+    def project_rows(self, x: torch.Tensor, bias_rows: torch.Tensor) -> torch.Tensor:
+        """W x + per-sample bias rows, fp32: x [B, ..., in], rows [B, out] -> [B, ..., out].
+
+        As ``F.linear`` does with a bias: the rows are written to the output and
+        the matmul adds onto them (beta=1), with no extra pass over y.
+        """
+        if x.dtype != torch.float32 or self.weight.dtype != torch.float32:
+            return self.project32(x).add_(self.rows(bias_rows, x))
+        out = self.out_features
+        y = self.rows(bias_rows, x).expand(*x.shape[:-1], out).contiguous()
+        y.view(-1, out).addmm_(x.reshape(-1, x.shape[-1]), self.weight.t())
+        return y
 
     @staticmethod
     def rows(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -124,29 +197,43 @@ class AdaptedLinear(nn.Module):
         return self.method.forward_mixed(self, x, route)
 
 
-class AdaptedConv2d(nn.Module):
+class AdaptedConv2d(_Banked, nn.Module):
     """A frozen patch-embedding ``nn.Conv2d`` with a banked bias (no gamma).
 
-    Shapes: x [B, C, H, W] -> y [B, D, H/p, W/p]; bias_bank [S, D].
+    Shapes: x [B, C, H, W] -> y [B, D, H/p, W/p] in x's dtype; bias_bank [S, D] fp32.
     """
 
-    def __init__(self, base: nn.Conv2d, name: str, holder: RouteHolder, slots: int, method: AdapterMethod):
+    def __init__(
+        self,
+        base: nn.Conv2d,
+        name: str,
+        holder: RouteHolder,
+        index: int,
+        bias_cols: tuple[int, int],
+        method: AdapterMethod,
+    ):
         super().__init__()
         self.name = name
         self.holder = holder
         self.method = method
+        self.index = index
+        self.bias_cols, self.gamma_cols = bias_cols, None
         self.weight = nn.Parameter(base.weight.detach(), requires_grad=False)
         self.stride, self.padding = base.stride, base.padding
-        out = base.out_channels
-        bias = base.bias.detach() if base.bias is not None else torch.zeros(out)
-        self.register_buffer("bias_bank", bias.expand(slots, out).clone(), persistent=False)
-        self.gamma_placeable = False
-        self.gamma_bank = None
-        self.has_gamma = [False] * slots
 
     def project(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """W * x (+ bias, fused): x [B, C, H, W] -> [B, D, H/p, W/p]."""
+        """W * x (+ bias, fused): x [B, C, H, W] -> [B, D, H/p, W/p] in x's dtype."""
         return F.conv2d(x, self.weight, bias, self.stride, self.padding)
+
+    def project32(self, x: torch.Tensor) -> torch.Tensor:
+        """W * x with an fp32 result (upcast operands: the patch conv is small)."""
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return self.project(x)
+        return F.conv2d(x.float(), self.weight.float(), None, self.stride, self.padding)
+
+    def project_rows(self, x: torch.Tensor, bias_rows: torch.Tensor) -> torch.Tensor:
+        """W * x + per-sample bias rows [B, D], fp32."""
+        return self.project32(x).add_(self.rows(bias_rows, x))
 
     @staticmethod
     def rows(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -171,36 +258,44 @@ AdaptedLayer = AdaptedLinear | AdaptedConv2d
 
 
 class ClassTableBank(nn.Module):
-    """Replaces diffusers' ``LabelEmbedding``: one class table per slot.
+    """Replaces diffusers' ``LabelEmbedding``: every slot's class table in one row store.
 
     Labels are in the adapter's own space: 0..C-1 for classes and C (the
-    adapter's ``num_classes``) for its null row. Bank: [S, R, D] with
-    R = max rows; rows past an adapter's C + 1 are zero and never read.
-    No label dropout here: trainers drop labels themselves, once per sample
-    (diffusers would drop independently in each of its per-block copies).
+    adapter's ``num_classes``) for its null row; the row read is
+    ``offset[slot] + label`` of the fp32 :class:`~core.adapter.store.RowStore`
+    (tables are ragged: a slot holds C + 1 rows). Output [B, D] in the base's
+    dtype. No label dropout here: trainers drop labels themselves, once per
+    sample (diffusers would drop independently in each of its per-block copies).
     """
 
     name = CLASS_TABLE
 
-    def __init__(self, base_table: torch.Tensor, holder: RouteHolder, slots: int, max_rows: int):
+    def __init__(self, base_table: torch.Tensor, holder: RouteHolder, store: RowStore):
         super().__init__()
         self.holder = holder
-        rows, dim = base_table.shape
-        max_rows = max(max_rows, rows)
-        bank = torch.zeros(slots, max_rows, dim, dtype=base_table.dtype, device=base_table.device)
-        bank[:, :rows] = base_table.detach()
-        self.register_buffer("bank", bank, persistent=False)
-        self.num_classes = [rows - 1] * slots  # per slot; the null row index
+        self.store = store
+        self.out_dtype = base_table.dtype
+        self.num_classes = [base_table.shape[0] - 1] * len(store.count)  # per slot; the null row index
+        store.place(0, base_table.detach().float())
+
+    @property
+    def dim(self) -> int:
+        return self.store.rows.shape[1]
+
+    def table(self, slot: int) -> torch.Tensor:
+        """The class table of `slot`: a view [C + 1, D] fp32."""
+        start = self.store.offset[slot]
+        return self.store.rows[start : start + self.store.count[slot]]
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
         route = self.holder.current
         if route.params is not None:
             return F.embedding(labels, route.params[self.name])
         if route.slot is not None:
-            return F.embedding(labels, self.bank[route.slot])
-        rows = self.bank.shape[1]
-        flat = self.bank.view(-1, self.bank.shape[-1])
-        return F.embedding(route.slots * rows + labels, flat)
+            rows = F.embedding(labels + self.store.offset[route.slot], self.store.rows)
+        else:
+            rows = F.embedding(self.store.offsets_t.index_select(0, route.slots) + labels, self.store.rows)
+        return rows.to(self.out_dtype)
 
 
 class CachedConditioning(nn.Module):

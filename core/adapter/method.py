@@ -27,6 +27,7 @@ from difffit.contract import Placement
 if TYPE_CHECKING:
     from core.adapter.layers import AdaptedLayer, Route
     from core.adapter.model import DiffFitDiT
+    from core.adapter.store import PackedAdapter
 
 
 class AdapterMethod(ABC):
@@ -54,8 +55,14 @@ class AdapterMethod(ABC):
         """Raise ``IncompatibleAdapter`` naming the first tensor that does not fit `model`."""
 
     @abstractmethod
-    def load_slot(self, model: DiffFitDiT, slot: int, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy checked adapter tensors into bank row `slot` of every adapted layer (no grad)."""
+    def pack(self, model: DiffFitDiT, tensors: dict[str, torch.Tensor]) -> PackedAdapter:
+        """Checked adapter tensors laid out for `model`'s bank (host memory, fp32); any thread."""
+
+    @abstractmethod
+    def load_slot(
+        self, model: DiffFitDiT, slot: int, tensors: dict[str, torch.Tensor] | PackedAdapter
+    ) -> None:
+        """Copy a checked (or packed) adapter into bank row `slot` and its class rows (no grad)."""
 
     # -- the routed forward of one adapted layer ---------------------------------
     @abstractmethod

@@ -43,11 +43,12 @@ class Engine:
         max_classes: int = 1000,
         max_batch_size: int = 64,
         train_share: float = 0.2,
+        table_rows: int | None = None,
     ):
         self.base = base
         self.device = next(base.transformer.parameters()).device
         self.dtype = next(base.transformer.parameters()).dtype
-        self.model = DiffFitDiT(base.transformer, slots=slots, max_classes=max_classes)
+        self.model = DiffFitDiT(base.transformer, slots=slots, max_classes=max_classes, table_rows=table_rows)
         self.bank = SlotBank(self.model)
         self.max_batch_size = max_batch_size
         self._inbox: queue.Queue = queue.Queue()

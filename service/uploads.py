@@ -55,6 +55,14 @@ class _Sink:
         self.fh.write(data)
 
 
+def upload_openapi(raw_media_type: str) -> dict:
+    """The OpenAPI request body of an upload route: multipart field ``file`` or the raw body."""
+    binary = {"type": "string", "format": "binary"}
+    multipart = {"type": "object", "properties": {"file": binary}, "required": ["file"]}
+    content = {"multipart/form-data": {"schema": multipart}, raw_media_type: {"schema": binary}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
 def _too_large(what: str, max_bytes: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"{what} is larger than this server's limit of {max_bytes} bytes.")
 

@@ -22,7 +22,7 @@ from service.deps import BlobStoreDep, QueueDep, RegistryDep, SettingsDep, Tenan
 from service.errors import problem_responses
 from service.routes.adapters import AdapterName, version_out
 from service.schemas import AdapterVersion
-from service.uploads import receive_upload
+from service.uploads import receive_upload, upload_openapi
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
 
@@ -74,21 +74,7 @@ def _import(registry: Any, blobs: Any, queue: Any, tenant_id: int, name: str, da
     "has published the base. Creates the adapter if needed; versions stay immutable.",
     responses={201: {"headers": {"Location": {"description": "/adapters/{name}"}}}}
     | problem_responses(401, 413, 422, 503),
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "properties": {"file": {"type": "string", "format": "binary"}},
-                        "required": ["file"],
-                    }
-                },
-                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-            },
-        }
-    },
+    openapi_extra=upload_openapi("application/octet-stream"),
 )
 async def import_adapter(
     name: AdapterName,

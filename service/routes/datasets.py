@@ -21,7 +21,7 @@ from service.dataset_check import inspect_archive
 from service.deps import BlobStoreDep, RegistryDep, SettingsDep, TenantDep
 from service.errors import problem_responses
 from service.schemas import Dataset, DatasetList
-from service.uploads import receive_upload
+from service.uploads import receive_upload, upload_openapi
 
 log = logging.getLogger("difffit.service")
 router = APIRouter(prefix="/datasets", tags=["datasets"])
@@ -77,21 +77,7 @@ def _store(registry: Any, blobs: Any, tenant_id: int, upload: Any) -> Any:
         201: {"headers": {"Location": {"description": "/datasets/{id}"}}},
     }
     | problem_responses(401, 413, 422, 503),
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "properties": {"file": {"type": "string", "format": "binary"}},
-                        "required": ["file"],
-                    }
-                },
-                "application/zip": {"schema": {"type": "string", "format": "binary"}},
-            },
-        }
-    },
+    openapi_extra=upload_openapi("application/zip"),
 )
 async def upload_dataset(
     request: Request,

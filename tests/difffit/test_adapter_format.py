@@ -214,7 +214,8 @@ def test_reading_stays_torch_free(tmp_path: Path) -> None:
     path = tmp_path / "a.safetensors"
     path.write_bytes(_file(_adapter(), _meta()))
     code = (
-        "import sys, adapters_store, adapters_store.registry, adapters_store.blobs; "
+        "import sys, adapters_store, adapters_store.registry, adapters_store.blobstore.s3, "
+        "adapters_store.lifecycle, adapters_store.gc; "
         "import difffit.adapter_format as f; "
         "bad = [m for m in ('torch', 'safetensors', 'numpy') if m in sys.modules]; "
         "assert not bad, ('imported at import time', bad); "

@@ -38,7 +38,7 @@ class StatsPublisher:
                 layers={name: int(layer.bias_bank.shape[1]) for name, layer in model.layers.items()},
                 gamma_layers=[name for name, layer in model.layers.items() if layer.gamma_placeable],
                 hidden_size=int(model.hidden_size),
-                max_classes=int(model.class_table.bank.shape[1]) - 1,
+                max_classes=int(model.most_classes),
                 resolution=int(base.resolution),
                 resolution_unit=int(base.vae_scale * base.transformer.config.patch_size),
             )
@@ -76,4 +76,6 @@ class StatsPublisher:
                 self.publish()
             except redis.RedisError as exc:  # Redis restarting: try again next tick
                 log.warning("could not publish worker stats: %s", exc)
+            except Exception:  # a bug here must not make a live worker look dead for good
+                log.exception("could not build the worker stats")
             self._stop.wait(WORKER_STATS_INTERVAL_S)

@@ -9,19 +9,18 @@ An adapter is one ``.safetensors`` file:
   :data:`REQUIRED_METADATA` (base model id and content hash, method,
   placement, class names, resolution, ...), see :func:`adapter_metadata`.
 
-Headers and tensors are read by the ``safetensors`` library's numpy API, which
-checks the container itself (header length, JSON, dtypes, offsets tiling the
-data); :func:`validate` then checks what makes it a DiffFit adapter. Shapes
-against a particular base are checked by :func:`check_shapes` with the spec
-the torch core derives from the base (``core.adapter.method``). ``safetensors``
-and ``numpy`` are imported on first use, so importing this module stays cheap.
+Files are read by the ``safetensors`` library (``safe_open`` for a header on
+disk, ``deserialize`` for a file in memory), which checks the container
+itself (header length, JSON, dtypes, offsets tiling the data);
+:func:`validate` then checks what makes it a DiffFit adapter. Shapes against
+a particular base are checked by :func:`check_shapes` with the spec the torch
+core derives from the base (``core.adapter.method``). ``safetensors`` and
+``numpy`` are imported on first use, so importing this module stays cheap.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -126,33 +125,45 @@ def _decode_metadata(raw: dict[str, str] | None, require: bool) -> dict[str, Any
 
 
 # -- reading ------------------------------------------------------------------------
-def _open(path: Path, require_metadata: bool, with_arrays: bool) -> tuple[dict, dict, dict]:
-    """(tensor infos, metadata, arrays) of a file, through safetensors' numpy API."""
+def _open(path: Path, require_metadata: bool) -> tuple[dict, dict]:
+    """(tensor infos, metadata) of a file on disk; reads the header only."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="np") as f:
             metadata = _decode_metadata(f.metadata(), require_metadata)
-            infos, arrays = {}, {}
+            infos = {}
             for name in f.keys():  # noqa: SIM118 - safe_open is not iterable
                 part = f.get_slice(name)
                 infos[name] = {"dtype": part.get_dtype(), "shape": list(part.get_shape())}
-                if with_arrays:
-                    arrays[name] = f.get_tensor(name)
     except SafetensorError as exc:
         raise _fail(f"safetensors refused it ({exc})") from None
-    return infos, metadata, arrays
+    return infos, metadata
 
 
-def _with_file(data: bytes, fn):
-    """Run ``fn(path)`` on `data` written to a temporary file (safetensors opens files only)."""
-    fd, name = tempfile.mkstemp(suffix=".safetensors")
+def _parse_bytes(data: bytes, require_metadata: bool) -> tuple[dict, dict, dict]:
+    """(tensor infos, metadata, arrays) of a file held in memory.
+
+    safetensors' ``deserialize`` checks the container as ``safe_open`` does and
+    hands each tensor back as its own writable buffer, so arrays need no
+    further copy (a cold adapter load from the store is on the serving path).
+    """
+    import numpy as np
+    from safetensors import SafetensorError, deserialize
+
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        return fn(Path(name))
-    finally:
-        os.unlink(name)
+        flat = deserialize(bytes(data))
+    except SafetensorError as exc:
+        raise _fail(f"safetensors refused it ({exc})") from None
+    # The container is valid here, so its header is an 8-byte length and JSON.
+    size = int.from_bytes(data[:8], "little")
+    metadata = _decode_metadata(json.loads(data[8 : 8 + size]).get("__metadata__"), require_metadata)
+    infos, arrays = {}, {}
+    for name, view in flat:
+        infos[name] = {"dtype": view["dtype"], "shape": list(view["shape"])}
+        if view["dtype"] == DTYPE:  # anything else fails validate(), which names it
+            arrays[name] = np.frombuffer(view["data"], dtype=np.float32).reshape(view["shape"])
+    return infos, metadata, arrays
 
 
 def read_header_file(path: str | Path, *, require_metadata: bool = True) -> dict[str, Any]:
@@ -164,18 +175,19 @@ def read_header_file(path: str | Path, *, require_metadata: bool = True) -> dict
     or not a JSON object (unless `require_metadata` is False: then ``{}``).
     This reads the container only; :func:`validate` checks the adapter.
     """
-    infos, metadata, _ = _open(Path(path), require_metadata, with_arrays=False)
+    infos, metadata = _open(Path(path), require_metadata)
     return {"tensors": infos, "metadata": metadata}
 
 
 def read_header(data: bytes, *, require_metadata: bool = True) -> dict[str, Any]:
     """Like :func:`read_header_file` for a file held in memory."""
-    return _with_file(bytes(data), lambda p: read_header_file(p, require_metadata=require_metadata))
+    infos, metadata, _ = _parse_bytes(data, require_metadata)
+    return {"tensors": infos, "metadata": metadata}
 
 
 def read_adapter(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Tensors (float32 numpy arrays) and metadata of an adapter file; :func:`validate`d."""
-    infos, metadata, arrays = _with_file(bytes(data), lambda p: _open(p, True, with_arrays=True))
+    infos, metadata, arrays = _parse_bytes(data, True)
     validate({"tensors": infos, "metadata": metadata})
     check_finite(arrays)
     return arrays, metadata
@@ -225,6 +237,10 @@ def check_finite(arrays: dict[str, np.ndarray]) -> None:
     """Raise InvalidRequest naming the first tensor holding a NaN or an infinity."""
     import numpy as np
 
+    # One pass over all values (an adapter has hundreds of small tensors; a call
+    # per tensor costs more than the check), and the per-tensor pass only to name one.
+    if not arrays or np.isfinite(np.concatenate([v.reshape(-1) for v in arrays.values()])).all():
+        return
     for name, value in arrays.items():
         if not np.isfinite(value).all():
             raise _fail(f"tensor {name!r} holds NaN or infinite values")
@@ -251,6 +267,8 @@ def check_shapes(
                 raise IncompatibleAdapter(f"gamma is not allowed on {layer}")
             raise IncompatibleAdapter(f"adapter tensor {name!r} matches no layer of the base model")
         shape = tuple(shape)
+        if shape == want:
+            continue
         fits = len(shape) == len(want) and all(w is None or w == s for w, s in zip(want, shape, strict=True))
         if not fits:
             expected = tuple("*" if w is None else w for w in want)

@@ -75,15 +75,7 @@ class DiffFit(AdapterMethod):
         return out
 
     def check(self, model: DiffFitDiT, tensors: dict[str, torch.Tensor]) -> None:
-        # Every name the base allows (bias on each layer, gamma where placeable, a class
-        # table of any row count); the biases and the table are required.
-        spec: dict[str, tuple] = {CLASS_TABLE: (None, model.hidden_size)}
-        for n, layer in model.layers.items():
-            out = (layer.bias_bank.shape[1],)
-            spec[tensor_name(n, "bias")] = out
-            if layer.gamma_placeable:
-                spec[tensor_name(n, "gamma")] = out
-        required = {tensor_name(n, "bias") for n in model.layers} | {CLASS_TABLE}
+        spec, required = self._spec(model)
         check_shapes({k: tuple(v.shape) for k, v in tensors.items()}, spec, required)
         rows = tensors[CLASS_TABLE].shape[0]
         if rows - 1 > model.most_classes:
@@ -92,6 +84,38 @@ class DiffFit(AdapterMethod):
                 f"{model.most_classes} (DIFFFIT_MAX_CLASSES and the class-row store)"
             )
 
+    @staticmethod
+    def _spec(model: DiffFitDiT) -> tuple[dict[str, tuple], frozenset[str]]:
+        # Every name the base allows (bias on each layer, gamma where placeable, a class
+        # table of any row count); the biases and the table are required. Fixed per
+        # model, so built once: cold loads check every adapter against it.
+        cached = getattr(model, "_difffit_spec", None)
+        if cached is None:
+            spec: dict[str, tuple] = {CLASS_TABLE: (None, model.hidden_size)}
+            for n, layer in model.layers.items():
+                out = (layer.bias_bank.shape[1],)
+                spec[tensor_name(n, "bias")] = out
+                if layer.gamma_placeable:
+                    spec[tensor_name(n, "gamma")] = out
+            required = frozenset({tensor_name(n, "bias") for n in model.layers} | {CLASS_TABLE})
+            cached = model._difffit_spec = (spec, required)
+        return cached
+
+    @staticmethod
+    def _layout(model: DiffFitDiT) -> list[tuple[str, str | None, torch.Tensor | None, int]]:
+        # The bank row's order: (bias name, gamma name or None, gamma's ones, layer index) per layer.
+        cached = getattr(model, "_difffit_layout", None)
+        if cached is None:
+            cached = []
+            for layer in model.layers.values():
+                gamma_name, ones = None, None
+                if layer.gamma_cols is not None:
+                    gamma_name = tensor_name(layer.name, "gamma")
+                    ones = torch.ones(layer.gamma_cols[1] - layer.gamma_cols[0])
+                cached.append((tensor_name(layer.name, "bias"), gamma_name, ones, layer.index))
+            model._difffit_layout = cached
+        return cached
+
     def pack(self, model: DiffFitDiT, tensors: dict[str, torch.Tensor]) -> PackedAdapter:
         """Checked tensors laid out as one bank row (fp32, host) plus the class table.
 
@@ -99,16 +123,17 @@ class DiffFit(AdapterMethod):
         engine thread serves; loading a packed adapter is then two copies.
         """
         pieces, gammas = [], set()
-        for layer in model.layers.values():
-            pieces.append(tensors[tensor_name(layer.name, "bias")].detach().float().cpu().reshape(-1))
-            if layer.gamma_cols is not None:
-                gamma = tensors.get(tensor_name(layer.name, "gamma"))
+        for bias_name, gamma_name, ones, index in self._layout(model):
+            pieces.append(_flat32(tensors[bias_name]))
+            if gamma_name is not None:
+                gamma = tensors.get(gamma_name)
                 if gamma is None:
-                    pieces.append(torch.ones(layer.gamma_cols[1] - layer.gamma_cols[0]))
+                    pieces.append(ones)  # torch.cat copies it: one shared tensor is enough
                 else:
-                    pieces.append(gamma.detach().float().cpu().reshape(-1))
-                    gammas.add(layer.index)
-        table = tensors[CLASS_TABLE].detach().float().cpu().contiguous()
+                    pieces.append(_flat32(gamma))
+                    gammas.add(index)
+        table = tensors[CLASS_TABLE]
+        table = _flat32(table).view(table.shape)
         return PackedAdapter(torch.cat(pieces), table, frozenset(gammas))
 
     @torch.no_grad()
@@ -212,3 +237,10 @@ class DiffFit(AdapterMethod):
 
 
 DIFFFIT = DiffFit()
+
+
+def _flat32(t: torch.Tensor) -> torch.Tensor:
+    """`t` as a flat fp32 host tensor; no conversion calls when it is one already (a parsed file)."""
+    if t.dtype == torch.float32 and t.device.type == "cpu" and not t.requires_grad:
+        return t if t.dim() == 1 else t.reshape(-1)
+    return t.detach().float().cpu().reshape(-1)

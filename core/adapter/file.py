@@ -47,4 +47,5 @@ def load_adapter(data: bytes, base_hash: str | None = None) -> tuple[dict[str, t
             f"adapter was trained on base {meta.get('base_model')!r} with content hash "
             f"{str(meta.get('base_hash'))[:12]}...; this worker serves hash {base_hash[:12]}..."
         )
-    return {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}, meta
+    # Each array owns a fresh buffer (read_adapter), so the tensors share it without a copy.
+    return {k: torch.from_numpy(v) for k, v in arrays.items()}, meta

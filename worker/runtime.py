@@ -98,7 +98,9 @@ class Runtime:
     # -- adapters on the host --------------------------------------------------
     def adapter(self, sha256: str) -> tuple[dict[str, torch.Tensor], dict]:
         """Parsed adapter (tensors, metadata) by content hash, read and verified from the store."""
-        data = self.blobs.get_bytes(sha256)  # re-hashes: CorruptBlob on mismatch
+        return self.blobs.get_parsed(sha256, self._parse_adapter)  # CorruptBlob on a hash mismatch
+
+    def _parse_adapter(self, data: bytes) -> tuple[dict[str, torch.Tensor], dict]:
         return load_adapter(data, base_hash=self.base.content_hash)
 
     def packed_adapter(self, sha256: str) -> tuple[PackedAdapter, dict]:
@@ -108,9 +110,13 @@ class Runtime:
         up the engine thread, which only copies the packed rows into a slot.
         """
 
-        def load() -> tuple[PackedAdapter, dict]:
-            tensors, meta = self.adapter(sha256)
+        def parse_and_pack(data: bytes) -> tuple[PackedAdapter, dict]:
+            tensors, meta = self._parse_adapter(data)
             return self.engine.model.pack(tensors), meta
+
+        def load() -> tuple[PackedAdapter, dict]:
+            # The store re-hashes the bytes beside the parse and pack (CorruptBlob on a mismatch).
+            return self.blobs.get_parsed(sha256, parse_and_pack)
 
         return self.host_tier.get_or_load(sha256, load)
 

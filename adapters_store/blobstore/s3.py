@@ -41,7 +41,7 @@ from adapters_store.blobstore.base import (
     fan_out,
     verified_chunks,
 )
-from difffit.errors import BackendUnavailable, CorruptBlob, NotFound
+from difffit.errors import BackendUnavailable, NotFound
 
 MULTIPART_THRESHOLD = 64 * 1024**2
 DELETE_BATCH = 1000  # DeleteObjects' limit
@@ -167,16 +167,10 @@ class S3BlobStore(BlobStore):
                 )
 
     # -- reading ---------------------------------------------------------------
-    def get_bytes(self, sha256: str) -> bytes:
+    def _read(self, sha256: str) -> tuple[bytes, str]:
         key = self.key_for(sha256)
         with self._errors(f"blob {sha256}"):
-            data = self._client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != sha256:
-            raise CorruptBlob(
-                f"blob {sha256} at {self.bucket}/{key} is corrupt: its content hashes to {actual}"
-            )
-        return data
+            return self._client.get_object(Bucket=self.bucket, Key=key)["Body"].read(), f"{self.bucket}/{key}"
 
     def iter_verified(self, sha256: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
         key = self.key_for(sha256)

@@ -133,6 +133,31 @@ def test_corruption_detected_after_flipping_a_byte(raw: Raw) -> None:
     assert store.get_bytes(sha) == data
 
 
+def test_get_parsed_hashes_beside_the_parse_and_corruption_wins(raw: Raw) -> None:
+    store = raw.store
+    data = os.urandom(1024 * 1024)
+    sha = store.put_bytes(data)
+    assert store.get_parsed(sha, lambda content: (len(content), content[:4])) == (len(data), data[:4])
+    damaged = bytearray(data)
+    damaged[-1] ^= 0x01
+    raw.write(sha, bytes(damaged))
+    # The parse succeeds on the damaged bytes, the hash does not: CorruptBlob, not the result.
+    with pytest.raises(CorruptBlob, match=sha):
+        store.get_parsed(sha, len)
+
+    # A parse that fails on damaged content still reports the damage, not the parse error.
+    def refuse(_: bytes) -> None:
+        raise ValueError("not an adapter")
+
+    with pytest.raises(CorruptBlob):
+        store.get_parsed(sha, refuse)
+    assert store.put_bytes(data) == sha  # repaired
+    with pytest.raises(ValueError, match="not an adapter"):
+        store.get_parsed(sha, refuse)
+    with pytest.raises(NotFound):
+        store.get_parsed("0" * 64, len)
+
+
 def test_truncated_blob_is_corrupt(raw: Raw) -> None:
     sha = raw.store.put_bytes(b"abcdef")
     raw.write(sha, b"abc")

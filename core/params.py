@@ -69,20 +69,18 @@ def count_for_shape(
 
 def format_counts(c: dict) -> str:
     """Human-readable table of :func:`count_for_shape`'s result."""
-    t = c["trainable"]
+    t, r = c["trainable"], c["trainable_reference_count"]
     lines = [
         f"{c['shape']}, {c['num_classes']} classes, method {c['method']} (placement {c['placement']})",
         f"  diffusers checkpoint params : {c['diffusers_params']:>13,}  (per-block embedder copies)",
         f"  base params (tied)         : {c['base_params']:>13,}",
         f"  fine-tuned model params    : {c['model_params']:>13,}",
-        f"  trainable                  : {t['total']:>13,}"
-        f"  ({t['total'] / 1e6:.3f}M, {c['trainable_percent']:.3f}%)",
-        f"    biases                   : {t['biases']:>13,}",
-        f"    gammas                   : {t['gammas']:>13,}",
-        f"    class table              : {t['class_table']:>13,}",
-        "  counted as the reference code counts (a gamma on the attention output and one on its",
-        f"  branch, one vector here): {c['trainable_reference_count']['total']:,} trainable "
-        f"({c['trainable_reference_count']['total'] / 1e6:.3f}M), "
-        f"{c['trainable_reference_count']['gammas']:,} gammas",
+        f"  trainable, paper's count   : {r['total']:>13,}"
+        f"  ({r['total'] / 1e6:.3f}M, {100.0 * r['total'] / c['model_params']:.3f}%)",
+        f"    biases                   : {r['biases']:>13,}",
+        f"    gammas                   : {r['gammas']:>13,}  (each gamma its own vector)",
+        f"    class table              : {r['class_table']:>13,}",
+        f"  stored in the adapter file : {t['total']:>13,}  ({t['total'] / 1e6:.3f}M, {t['gammas']:,} gammas:",
+        "    the attention output's gamma and its branch's gamma scale the same output, so one vector)",
     ]
     return "\n".join(lines)

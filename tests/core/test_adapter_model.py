@@ -132,4 +132,7 @@ def test_difffit_params_cli_prints_the_default_placement_counts(capsys):
     assert main(["params", "--shape", "DiT-XL/2", "--classes", "101"]) == 0
     out = capsys.readouterr().out
     assert "'qkv': 'first_half', 'branches': 'first_half', 'final_layer': True" in out
-    assert "687,808  (0.688M" in out and "703,936 trainable (0.704M), 96,800 gammas" in out
+    # The paper's placement counted as the paper (and its reference code) counts: 96,768 + 32 gammas.
+    assert "trainable, paper's count   :       703,936  (0.704M" in out
+    assert "96,800  (each gamma its own vector)" in out
+    assert "stored in the adapter file :       687,808  (0.688M, 80,672 gammas" in out

@@ -80,7 +80,8 @@ def format_counts(c: dict) -> str:
         f"    biases                   : {r['biases']:>13,}",
         f"    gammas                   : {r['gammas']:>13,}  (each gamma its own vector)",
         f"    class table              : {r['class_table']:>13,}",
-        f"  stored in the adapter file : {t['total']:>13,}  ({t['total'] / 1e6:.3f}M, {t['gammas']:,} gammas:",
+        f"  stored in the adapter file : {t['total']:>13,}"
+        f"  ({t['total'] / 1e6:.3f}M, {t['gammas']:,} gammas:",
         "    the attention output's gamma and its branch's gamma scale the same output, so one vector)",
     ]
     return "\n".join(lines)

@@ -127,6 +127,20 @@ class _Banked:
         """Whether the adapter in `slot` has a gamma here (else it is 1)."""
         return self.index in self.holder.gammas[slot]
 
+    def _attach(self, base: nn.Module, name: str, holder: RouteHolder, index: int, cols, method) -> None:
+        """Take the frozen weight of `base` and the bank columns (bias_cols, gamma_cols)."""
+        self.name, self.holder, self.method, self.index = name, holder, method, index
+        self.bias_cols, self.gamma_cols = cols
+        self.weight = nn.Parameter(base.weight.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        route = self.holder.current
+        if route.params is not None:
+            return self.method.forward_live(self, x, route.params)
+        if route.slot is not None:
+            return self.method.forward_slot(self, x, route.slot)
+        return self.method.forward_mixed(self, x, route)
+
 
 class AdaptedLinear(_Banked, nn.Module):
     """A frozen ``nn.Linear`` whose bias (and optional gamma) come from the bank.
@@ -146,12 +160,7 @@ class AdaptedLinear(_Banked, nn.Module):
         method: AdapterMethod,
     ):
         super().__init__()
-        self.name = name
-        self.holder = holder
-        self.method = method
-        self.index = index
-        self.bias_cols, self.gamma_cols = bias_cols, gamma_cols
-        self.weight = nn.Parameter(base.weight.detach(), requires_grad=False)
+        self._attach(base, name, holder, index, (bias_cols, gamma_cols), method)
 
     @property
     def out_features(self) -> int:
@@ -188,14 +197,6 @@ class AdaptedLinear(_Banked, nn.Module):
         """A per-channel vector [out], broadcastable against the output (channels last)."""
         return vector
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        route = self.holder.current
-        if route.params is not None:
-            return self.method.forward_live(self, x, route.params)
-        if route.slot is not None:
-            return self.method.forward_slot(self, x, route.slot)
-        return self.method.forward_mixed(self, x, route)
-
 
 class AdaptedConv2d(_Banked, nn.Module):
     """A frozen patch-embedding ``nn.Conv2d`` with a banked bias (no gamma).
@@ -213,12 +214,7 @@ class AdaptedConv2d(_Banked, nn.Module):
         method: AdapterMethod,
     ):
         super().__init__()
-        self.name = name
-        self.holder = holder
-        self.method = method
-        self.index = index
-        self.bias_cols, self.gamma_cols = bias_cols, None
-        self.weight = nn.Parameter(base.weight.detach(), requires_grad=False)
+        self._attach(base, name, holder, index, (bias_cols, None), method)
         self.stride, self.padding = base.stride, base.padding
 
     def project(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -244,14 +240,6 @@ class AdaptedConv2d(_Banked, nn.Module):
     def channels(vector: torch.Tensor) -> torch.Tensor:
         """A per-channel vector [D] -> [D, 1, 1] (channels first)."""
         return vector[:, None, None]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        route = self.holder.current
-        if route.params is not None:
-            return self.method.forward_live(self, x, route.params)
-        if route.slot is not None:
-            return self.method.forward_slot(self, x, route.slot)
-        return self.method.forward_mixed(self, x, route)
 
 
 AdaptedLayer = AdaptedLinear | AdaptedConv2d

@@ -112,6 +112,18 @@ class TrainingFailed(DiffFitError):
     code = "training-failed"
 
 
+class OutOfMemory(DiffFitError):
+    """A job ran out of host or device memory: that job fails, the worker lives on."""
+
+    code = "out-of-memory"
+
+
+class NonFiniteLoss(TrainingFailed):
+    """The training loss became NaN or infinite: the job fails (usually: lower learning_rate)."""
+
+    code = "non-finite-loss"
+
+
 class UnsupportedPrecision(DiffFitError):
     """Fine-tuning refused on a base dtype it cannot train in (float16: no loss scaling)."""
 

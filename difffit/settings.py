@@ -134,6 +134,18 @@ class Settings(BaseSettings):
         2 * 1024**3, description="Largest total uncompressed size of a dataset archive."
     )
     dataset_timeout_s: float = Field(300.0, description="Dataset download time limit.")
+    intake_chunk: int = Field(
+        256,
+        ge=1,
+        description="Images a fine-tune's intake decodes and encodes at a time (one engine call per "
+        "chunk): intake's host memory grows with this, not with the data set.",
+    )
+    intake_memmap_mb: int = Field(
+        256,
+        ge=0,
+        description="A training set whose latents exceed this many MiB is kept in a memory-mapped file "
+        "under data_dir/intake (deleted when the job ends) instead of host RAM; 0 = always a file.",
+    )
     adapter_max_bytes: int = Field(
         256 * 1024**2, description="Largest adapter file accepted by POST /adapters/{name}/versions."
     )
@@ -155,6 +167,13 @@ class Settings(BaseSettings):
     admin_key: str | None = Field(None, description="Key for the admin endpoints; unset disables them.")
     log_level: str = Field("INFO", description="Python logging level.")
     log_json: bool = Field(True, description="One JSON object per log line (request and job ids).")
+
+    # --- tests -----------------------------------------------------------------
+    test_faults: str = Field(
+        "",
+        description="Test hook, never set in production: faults a worker injects on purpose "
+        "(oom-at-step:N = a MemoryError at every job's optimizer step N). Empty = none.",
+    )
 
     @property
     def resolved_database_url(self) -> str:

@@ -1,4 +1,4 @@
-"""Dataset intake: URL -> archive -> class folders -> image tensor.
+"""Dataset intake: URL -> archive -> class folders -> decoded images, chunk by chunk.
 
 The layout is AutoTrain's: a zip or tar(.gz) with one folder per class
 (optionally under one top folder); class names are the folder names, in
@@ -8,11 +8,13 @@ says what is wrong and, for bad images, which files.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import tempfile
 import threading
 import time
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from difffit.settings import Settings
 
 MAX_REDIRECTS = 5
 Image.MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard: PIL raises above 2x this
+DECODE_CHUNK = 256  # images decoded at a time by load_image_folders
 
 
 @dataclass
@@ -153,48 +156,105 @@ def load_image(path: Path, channels: int, size: int) -> np.ndarray:
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 
 
-def load_image_folders(root: Path, channels: int, size: int, max_bad_listed: int = 5) -> ImageSet:
-    """Read class folders under `root` into an :class:`ImageSet`."""
+@dataclass
+class ImageFolders:
+    """A class-folder data set whose layout is checked but whose images are not decoded yet.
+
+    files[i] is an image of class labels[i] (the folder's index in class_names).
+    """
+
+    root: Path
+    files: list[Path]
+    labels: np.ndarray
+    class_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def scan_image_folders(root: Path) -> ImageFolders:
+    """List the class folders under `root` and their files; InvalidDataset for a bad layout."""
     folders = class_folders(root)
     if not folders:
         raise InvalidDataset("dataset has no class folders: expected one folder per class with images in it")
     if len(folders) < 2:
         raise InvalidDataset(f"dataset has only one class folder ({folders[0].name!r}); need at least 2")
-    pixels, labels, bad = [], [], []
-    names = [f.name for f in folders]
-    empty = []
-    for label, folder in enumerate(folders):
-        files = class_files(folder)
-        found = 0
-        for path in files:
+    files, counts = [], []
+    for folder in folders:
+        found = class_files(folder)
+        files.extend(found)
+        counts.append(len(found))
+    labels = np.repeat(np.arange(len(folders), dtype=np.int64), counts)
+    return ImageFolders(root, files, labels, [f.name for f in folders])
+
+
+def decode_chunks(
+    images: ImageFolders, channels: int, size: int, chunk: int, max_bad_listed: int = 5
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Decode `images` in order, `chunk` at a time: (pixels [k, C, size, size] in [-1, 1], labels [k]).
+
+    Only one chunk's pixels are alive at a time (the caller consumes each
+    before the next is decoded). Unreadable files are skipped and counted;
+    after the last chunk the whole set is judged, as one InvalidDataset that
+    lists the bad files, or says the set has zero images or which class
+    folders have none. So nothing a consumer built from the chunks may be
+    used before the iterator is exhausted.
+    """
+    bad: list[str] = []
+    found = np.zeros(len(images.class_names), dtype=np.int64)
+    for start in range(0, len(images), chunk):
+        paths = images.files[start : start + chunk]
+        labels = images.labels[start : start + chunk]
+        pixels = np.empty((len(paths), channels, size, size), dtype=np.float32)
+        keep = np.zeros(len(paths), dtype=bool)
+        for i, path in enumerate(paths):
             try:
-                pixels.append(load_image(path, channels, size))
-                labels.append(label)
-                found += 1
+                pixels[i] = load_image(path, channels, size)
+                keep[i] = True
             except Image.DecompressionBombError as exc:
                 # PIL refuses before decoding: the declared size alone is over the limit.
-                bad.append(f"{path.relative_to(root)} (decompression bomb: {exc})")
+                bad.append(f"{path.relative_to(images.root)} (decompression bomb: {exc})")
             except (UnidentifiedImageError, OSError, ValueError) as exc:
                 kind = "not an image" if path.suffix.lower() not in IMAGE_SUFFIXES else "corrupt image"
-                bad.append(f"{path.relative_to(root)} ({kind}: {type(exc).__name__})")
-        if found == 0:
-            empty.append(folder.name)
+                bad.append(f"{path.relative_to(images.root)} ({kind}: {type(exc).__name__})")
+        found += np.bincount(labels[keep], minlength=len(found))
+        if keep.any():
+            yield (pixels, labels) if keep.all() else (pixels[keep], labels[keep])
     if bad:
         listed = "; ".join(bad[:max_bad_listed])
         more = f" and {len(bad) - max_bad_listed} more" if len(bad) > max_bad_listed else ""
         raise InvalidDataset(f"{len(bad)} files could not be read as images: {listed}{more}")
-    if not pixels:
+    if not found.sum():
         raise InvalidDataset("dataset has zero images")
+    empty = [name for name, n in zip(images.class_names, found, strict=True) if n == 0]
     if empty:
         raise InvalidDataset(f"class folders with no images: {', '.join(empty)}")
-    return ImageSet(np.stack(pixels), np.asarray(labels, dtype=np.int64), names)
+
+
+def load_image_folders(root: Path, channels: int, size: int, max_bad_listed: int = 5) -> ImageSet:
+    """Read class folders under `root` into one :class:`ImageSet` (small sets; jobs use the chunks)."""
+    images = scan_image_folders(root)
+    pixels = np.empty((len(images), channels, size, size), dtype=np.float32)
+    labels = np.empty(len(images), dtype=np.int64)
+    n = 0
+    for chunk, chunk_labels in decode_chunks(images, channels, size, DECODE_CHUNK, max_bad_listed):
+        pixels[n : n + len(chunk)], labels[n : n + len(chunk)] = chunk, chunk_labels
+        n += len(chunk)
+    return ImageSet(pixels[:n], labels[:n], images.class_names)
+
+
+@contextlib.contextmanager
+def unpacked(data: bytes | Path, settings: Settings) -> Iterator[Path]:
+    """The archive unpacked (within the caps) into a temporary folder, removed on exit."""
+    with tempfile.TemporaryDirectory(prefix="difffit-ds-") as tmp:
+        extract(data, Path(tmp), settings)
+        yield Path(tmp)
 
 
 def load_archive(data: bytes | Path, settings: Settings, channels: int, size: int) -> ImageSet:
     """Unpack (within the caps) and decode an archive given as bytes or as a file path."""
-    with tempfile.TemporaryDirectory(prefix="difffit-ds-") as tmp:
-        extract(data, Path(tmp), settings)
-        return load_image_folders(Path(tmp), channels, size)
+    with unpacked(data, settings) as root:
+        return load_image_folders(root, channels, size)
 
 
 def load_dataset(url: str, settings: Settings, channels: int, size: int) -> ImageSet:

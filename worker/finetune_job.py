@@ -2,8 +2,10 @@
 
 1. Load the job; skip it if already terminal (a redelivery after success),
    fail it if redelivered more than the retry cap (it kills its worker).
-2. Intake: download, unpack, decode the data set (this thread); encode with
-   the VAE once, on the engine thread.
+2. Intake (worker.intake): download and unpack the data set, then decode
+   it chunk by chunk on this thread and encode each chunk with its own
+   engine call; the training set stays on the host (a memory-mapped file
+   under data_dir/intake when large, deleted when the job ends).
 3. Train on the engine thread, resuming from the last checkpoint if any;
    this thread mirrors progress to the registry, checks the cancel flag and
    writes a checkpoint (adapter + optimizer + RNG) every N steps, freeing the
@@ -13,7 +15,9 @@
 
 Every way out frees the job's checkpoint (`adapters_store.lifecycle.end_job`),
 except failure: a failed job keeps its last checkpoint for
-DIFFFIT_CHECKPOINT_RETENTION_S, after which `difffit gc` frees it.
+DIFFFIT_CHECKPOINT_RETENTION_S, after which `difffit gc` frees it. Running
+out of host or device memory (worker.faults) or a NaN/inf loss fails the
+job (`out-of-memory`, `non-finite-loss`), never the worker.
 """
 
 from __future__ import annotations
@@ -37,7 +41,9 @@ from core.engine.training import TrainingData, TrainingRun
 from difffit.contract import TERMINAL_JOB_STATES, FinetuneRequest
 from difffit.errors import DiffFitError, InvalidDataset, JobCancelled, JobNotFound
 from worker.class_table import to_base_classes
-from worker.datasets import ImageSet, load_archive, load_dataset
+from worker.datasets import ImageSet
+from worker.faults import TRAINING_ADVICE, inject_faults, job_fault
+from worker.intake import EncodedSet, encode_image_set, intake, intake_file
 from worker.previews import PreviewSampler, ProgressEvents
 
 log = logging.getLogger(__name__)
@@ -62,15 +68,12 @@ def _now() -> datetime:
 
 
 def encode(rt, images: ImageSet) -> TrainingData:
-    """Pixels -> training tensors on the device; VAE latents (posterior mean) when there is a VAE."""
-    x = torch.from_numpy(images.pixels).to(rt.base.transformer.device)
-    if rt.base.vae is not None:
-        vae = rt.base.vae
-        chunks = [
-            vae.encode(chunk.to(vae.dtype)).latent_dist.mean * rt.base.latent_scaling for chunk in x.split(64)
-        ]
-        x = torch.cat(chunks).float()
-    return TrainingData(x=x, labels=torch.from_numpy(images.labels), class_names=images.class_names)
+    """Engine thread, one call: decoded images -> host training data (small sets; jobs use intake)."""
+    return training_data(encode_image_set(rt, images))
+
+
+def training_data(encoded: EncodedSet) -> TrainingData:
+    return TrainingData(x=encoded.x, labels=torch.from_numpy(encoded.labels), class_names=encoded.class_names)
 
 
 def run_finetune_job(rt, job_id: str) -> None:
@@ -89,6 +92,7 @@ def run_finetune_job(rt, job_id: str) -> None:
     attempts = job.attempts + 1
     if attempts > settings.max_task_retries + 1:
         _fail(rt, job_id, "worker-lost", f"the job's worker died {job.attempts} times; giving up")
+        intake_file(settings, job_id).unlink(missing_ok=True)  # a dead worker's, if on this host
         return
     reg.update_job(job_id, state="running", attempts=attempts, started_at=job.started_at or _now())
     reg.add_job_event(job_id, "running", {"attempt": attempts})
@@ -102,9 +106,15 @@ def run_finetune_job(rt, job_id: str) -> None:
         log.warning("job %s was deleted while it ran; stopped", job_id)
     except DiffFitError as exc:
         _fail(rt, job_id, exc.code, exc.message)
+    except (MemoryError, torch.cuda.OutOfMemoryError) as exc:  # a stage job_fault does not name
+        log.exception("job %s ran out of memory", job_id)
+        _fail(rt, job_id, "out-of-memory", f"out of memory ({type(exc).__name__}: {exc}); {TRAINING_ADVICE}")
     except Exception as exc:  # noqa: BLE001 - a job error must end the job, not the worker
         log.exception("job %s failed", job_id)
         _fail(rt, job_id, "internal", f"{type(exc).__name__}: {exc}")
+    finally:
+        # However the job ended, its intake file goes (a redelivery rebuilds it).
+        intake_file(settings, job_id).unlink(missing_ok=True)
 
 
 def _wait_out_live_owner(reg, job):
@@ -142,16 +152,17 @@ def _train_and_register(rt, job_id: str, job) -> None:
     resolution = request.resolution or rt.base.resolution
     rt.latent_size(resolution)  # validates the resolution
 
-    # 2. intake
+    # 2. intake: host latents, built chunk by chunk
     images = _intake(rt, job, request, resolution)
     if request.class_table == "keep":
         images = to_base_classes(images, rt.base.class_names)
     if len(images.class_names) > settings.max_classes:
         raise InvalidDataset(f"{len(images.class_names)} classes; at most {settings.max_classes} allowed")
     reg.add_job_event(job_id, "dataset", {"images": len(images.labels), "classes": images.class_names})
-    data = rt.call(lambda: encode(rt, images))
+    data = training_data(images)
     if request.objective == "diff_tuning":
-        data.retention = _retention_set(rt, len(images.labels), rt.latent_size(resolution), request.seed)
+        with job_fault("sampling the retention set", "lower DIFFFIT_MAX_BATCH_SIZE or the job's resolution"):
+            data.retention = _retention_set(rt, len(images.labels), rt.latent_size(resolution), request.seed)
         reg.add_job_event(job_id, "retention", {"images": int(data.retention.shape[0])})
 
     # 3. train, resuming from the last checkpoint
@@ -161,11 +172,13 @@ def _train_and_register(rt, job_id: str, job) -> None:
         reg.add_job_event(job_id, "resumed", {"step": int(init["step"])})
     diffusion = GaussianDiffusion.from_scheduler_config(rt.base.scheduler_config)
     every = request.checkpoint_every or settings.checkpoint_every
-    run = rt.call(
-        lambda: TrainingRun(
-            rt.engine.model, diffusion, data, request, init, every, microbatch=settings.train_microbatch
+    with job_fault("setting up training", TRAINING_ADVICE):
+        run = rt.call(
+            lambda: TrainingRun(
+                rt.engine.model, diffusion, data, request, init, every, microbatch=settings.train_microbatch
+            )
         )
-    )
+    inject_faults(run, settings.test_faults)
     previews = PreviewSampler(rt, job_id, data.num_classes, resolution)
     progress = ProgressEvents(reg, job_id)
     future = rt.engine.submit_training(run)
@@ -186,7 +199,8 @@ def _train_and_register(rt, job_id: str, job) -> None:
                 run.preview_ready.clear()
                 previews.offer(*run.preview)
             if future.done():
-                tensors = future.result()
+                with job_fault(f"training (step {run.progress.step + 1})", TRAINING_ADVICE):
+                    tensors = future.result()
                 break
             p = run.progress
             current = reg.update_job(job_id, step=p.step, loss=p.loss, eta_s=p.eta_s)
@@ -257,13 +271,13 @@ def _train_and_register(rt, job_id: str, job) -> None:
     reg.add_job_event(job_id, "succeeded", {"adapter": job.adapter_name, "version": version.version})
 
 
-def _intake(rt, job, request: FinetuneRequest, resolution: int) -> ImageSet:
-    """The job's images: an uploaded data set (by id, the tenant's own) or a URL."""
-    channels = rt.base.image_channels
+def _intake(rt, job, request: FinetuneRequest, resolution: int) -> EncodedSet:
+    """The job's training set: an uploaded data set (by id, the tenant's own) or a URL."""
+    channels, path = rt.base.image_channels, intake_file(rt.settings, job.id)
     if request.dataset_id is not None:
         dataset = rt.registry.get_dataset(job.tenant_id, request.dataset_id)  # gone: dataset-not-found
-        return load_archive(rt.blobs.open_verified(dataset.sha256), rt.settings, channels, resolution)
-    return load_dataset(request.dataset_url, rt.settings, channels, resolution)
+        return intake(rt, rt.blobs.open_verified(dataset.sha256), channels, resolution, path)
+    return intake(rt, request.dataset_url, channels, resolution, path)
 
 
 def _retention_set(rt, n_target: int, latent_size: int, seed: int) -> torch.Tensor:
@@ -275,13 +289,15 @@ def _retention_set(rt, n_target: int, latent_size: int, seed: int) -> torch.Tens
     count = max(32, min(512, n_target // 4))
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, len(rt.base.class_names), (count,), generator=g).tolist()
+    # Guidance doubles the rows: each request fits the engine's batch cap (at least one image).
+    per_request = max(1, rt.settings.max_batch_size // 2)
     futures = []
-    for start in range(0, count, 64):
+    for start in range(0, count, per_request):
         request = SampleRequest(
             request_id=f"retention-{start}",
             adapter_key=None,
             adapter_tensors=None,
-            labels=labels[start : start + 64],
+            labels=labels[start : start + per_request],
             seed=seed + start,
             steps=25,
             guidance_scale=4.0,
@@ -290,8 +306,7 @@ def _retention_set(rt, n_target: int, latent_size: int, seed: int) -> torch.Tens
             return_latents=True,
         )
         futures.append(rt.engine.submit(request))
-    latents = torch.cat([f.result() for f in futures])
-    return latents.to(rt.base.transformer.device)
+    return torch.cat([f.result() for f in futures])  # host: training moves the rows it draws
 
 
 def _sample_grid(rt, sha: str, tensors, num_classes: int, resolution: int) -> bytes:

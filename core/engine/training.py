@@ -16,6 +16,7 @@ of the micro-batch gradients is the whole batch's gradient.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from concurrent.futures import Future
@@ -27,7 +28,7 @@ from core.adapter.layers import Route
 from core.adapter.model import CLASS_TABLE, DiffFitDiT
 from core.diffusion import GaussianDiffusion
 from difffit.contract import FinetuneRequest
-from difffit.errors import InvalidDataset, JobCancelled, UnsupportedPrecision
+from difffit.errors import InvalidDataset, JobCancelled, NonFiniteLoss, UnsupportedPrecision
 
 LABEL_DROPOUT = 0.1
 VLB_WEIGHT = 1.0  # on the per-step vb term == lambda 0.001 on L_vlb (T = 1000)
@@ -49,9 +50,12 @@ def ema_decay(n: int) -> float:
 
 @dataclass
 class TrainingData:
-    """A decoded data set on the device: x [N, C, h, w] (latents if a VAE), labels [N].
+    """A decoded data set: x [N, C, h, w] (latents if a VAE, else pixels), labels [N].
 
-    retention [R, C, h, w]: samples of the base model, for the Diff-Tuning objective.
+    x may live on the host (a job's set is there, in the base's dtype, possibly
+    a memory-mapped file) or on the device: :func:`draw_batch` indexes it where
+    it is and moves only the drawn rows. retention [R, C, h, w]: samples of the
+    base model, for the Diff-Tuning objective (also indexed where it lives).
     """
 
     x: torch.Tensor
@@ -95,20 +99,21 @@ def draw_batch(
        t uniform (or toward the noisy end for Diff-Tuning);
     2. Diff-Tuning only: 20% retention rows, null label, t toward the clean end;
     3. random horizontal flips, then noise and x_t = q(x_t | x0).
-    Returns x0, y, t, noise, x_t (all on `device`) and b_tgt. Shared by every
-    method the study compares, so they all see the same batches.
+    Returns x0, y, t, noise, x_t (all on `device`, x0 in fp32 whatever the
+    stored dtype) and b_tgt. Only the drawn rows of `data` move to `device`.
+    Shared by every method the study compares, so they all see the same batches.
     """
     b_ret = max(1, round(batch_size * RETENTION_FRACTION)) if diff_tuning else 0
     b_tgt = batch_size - b_ret
     g = generator
     idx = torch.randint(0, data.x.shape[0], (b_tgt,), generator=g)
-    x0 = data.x[idx.to(device)]
+    x0 = _rows(data.x, idx, device)
     y = data.labels[idx].clone()
     y[torch.rand(b_tgt, generator=g) < LABEL_DROPOUT] = data.num_classes
     t = diffusion.sample_timesteps(b_tgt, generator=g, bias="noisy" if diff_tuning else "uniform")
     if b_ret:
         ridx = torch.randint(0, data.retention.shape[0], (b_ret,), generator=g)
-        x0 = torch.cat([x0, data.retention[ridx.to(device)]])
+        x0 = torch.cat([x0, _rows(data.retention, ridx, device)])
         y = torch.cat([y, torch.full((b_ret,), data.num_classes, dtype=y.dtype)])
         t = torch.cat([t, diffusion.sample_timesteps(b_ret, generator=g, bias="clean")])
     flip = (torch.rand(batch_size, generator=g) < 0.5).to(device)
@@ -116,6 +121,11 @@ def draw_batch(
     noise = torch.randn(x0.shape, generator=g)
     t, y, noise = t.to(device), y.to(device), noise.to(device, x0.dtype)
     return x0, y, t, noise, diffusion.q_sample(x0, t, noise), b_tgt
+
+
+def _rows(x: torch.Tensor, idx: torch.Tensor, device) -> torch.Tensor:
+    """x[idx] on `device` in fp32, indexed where x lives (a host set never moves whole)."""
+    return x[idx.to(x.device)].to(device).float()
 
 
 @dataclass
@@ -158,7 +168,7 @@ class TrainingRun:
         self.diffusion = diffusion
         self.data = data
         self.request = request
-        self.device = data.x.device
+        self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         if self.dtype == torch.float16:
             # fp16 activations overflow without loss scaling, and a scaler would also
@@ -231,8 +241,16 @@ class TrainingRun:
             out.float(), p.x0[rows].float(), p.x_t[rows].float(), p.t[rows], p.noise[rows].float(), VLB_WEIGHT
         )
         loss = (per_sample["loss"] * p.weights[rows]).sum()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            # Typed, so the engine fails this run's future and goes on serving.
+            raise NonFiniteLoss(
+                f"the training loss is {value} at step {self.progress.step + 1} (rows "
+                f"{rows.start}..{rows.stop - 1} of its batch); lower the learning_rate "
+                f"({self.request.learning_rate:g}) or check the data set"
+            )
         loss.backward()
-        p.loss += float(loss.detach())
+        p.loss += value
         p.start += p.size
         if p.start < len(p.t):
             return False

@@ -156,22 +156,24 @@ def _extract_stream(fh: BinaryIO, size: int, dest: Path, settings: Settings) -> 
 
 def _extract_zip(fh: BinaryIO, dest: Path, budget: _Budget) -> None:
     with zipfile.ZipFile(fh) as zf:
-        # Up-front pass: judge the declared sizes before writing anything.
-        members = []
+        # Up-front pass: judge the declared sizes before writing anything. Both passes
+        # walk the zip's own directory, so no second per-member list is held (intake's
+        # host memory should grow with its chunk, not with the number of files).
         declared = _Budget(budget.compressed, budget.settings)
         for info in zf.infolist():
-            path = _safe_member(info.filename)
+            _safe_member(info.filename)
             if info.is_dir():
                 continue
             if (info.external_attr >> 16) & 0o170000 == 0o120000:
                 raise InvalidDataset(f"archive member {info.filename!r} is a symbolic link")
             declared.add_file(info.filename, info.file_size)
             declared.add_bytes(info.filename, info.file_size)
-            members.append((info, path))
-        for info, path in members:
+        for info in zf.infolist():
+            if info.is_dir():
+                continue
             budget.add_file(info.filename, info.file_size)
             with zf.open(info) as src:
-                budget.copy(info.filename, src, dest / path)
+                budget.copy(info.filename, src, dest / _safe_member(info.filename))
 
 
 def _extract_tar(fh: BinaryIO, dest: Path, budget: _Budget) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import tempfile
 import threading
 import time
@@ -129,7 +130,7 @@ def _too_slow(url: str, settings: Settings) -> InvalidDataset:
     )
 
 
-def load_image(path: Path, channels: int, size: int) -> np.ndarray:
+def load_image(path: Path | str, channels: int, size: int) -> np.ndarray:
     """Decode, convert (any mode) to L or RGB, center-crop and resize: [C, size, size] in [-1, 1].
 
     16-bit greyscale is scaled (65535 -> 255), not stretched, so brightness
@@ -160,11 +161,13 @@ def load_image(path: Path, channels: int, size: int) -> np.ndarray:
 class ImageFolders:
     """A class-folder data set whose layout is checked but whose images are not decoded yet.
 
-    files[i] is an image of class labels[i] (the folder's index in class_names).
+    files[i] (a path relative to root: a short string per file, the only
+    per-file state intake keeps) is an image of class labels[i] (the folder's
+    index in class_names).
     """
 
     root: Path
-    files: list[Path]
+    files: list[str]
     labels: np.ndarray
     class_names: list[str]
 
@@ -181,11 +184,30 @@ def scan_image_folders(root: Path) -> ImageFolders:
         raise InvalidDataset(f"dataset has only one class folder ({folders[0].name!r}); need at least 2")
     files, counts = [], []
     for folder in folders:
-        found = class_files(folder)
+        found = _file_names(folder, root)
         files.extend(found)
         counts.append(len(found))
     labels = np.repeat(np.arange(len(folders), dtype=np.int64), counts)
     return ImageFolders(root, files, labels, [f.name for f in folders])
+
+
+def _file_names(folder: Path, root: Path) -> list[str]:
+    """:func:`class_files` of `folder` as paths relative to `root`, in the same order, without pathlib.
+
+    pathlib interns every path component (Python 3.11), and the interned
+    table never shrinks: per-file Path objects would make a worker's memory
+    grow with every data set's file count.
+    """
+    top = str(folder)
+    prefix = os.path.relpath(top, str(root))
+    names = []
+    for dirpath, _, filenames in os.walk(top):
+        rel = os.path.relpath(dirpath, top)
+        for name in filenames:
+            if not name.startswith(".") and os.path.isfile(os.path.join(dirpath, name)):
+                names.append(name if rel == "." else f"{rel}/{name}")
+    names.sort(key=lambda n: n.split("/"))  # pathlib's order: component by component
+    return [f"{prefix}/{n}" for n in names]
 
 
 def decode_chunks(
@@ -207,16 +229,18 @@ def decode_chunks(
         labels = images.labels[start : start + chunk]
         pixels = np.empty((len(paths), channels, size, size), dtype=np.float32)
         keep = np.zeros(len(paths), dtype=bool)
-        for i, path in enumerate(paths):
+        for i, name in enumerate(paths):
+            path = os.path.join(images.root, name)
             try:
                 pixels[i] = load_image(path, channels, size)
                 keep[i] = True
             except Image.DecompressionBombError as exc:
                 # PIL refuses before decoding: the declared size alone is over the limit.
-                bad.append(f"{path.relative_to(images.root)} (decompression bomb: {exc})")
+                bad.append(f"{name} (decompression bomb: {exc})")
             except (UnidentifiedImageError, OSError, ValueError) as exc:
-                kind = "not an image" if path.suffix.lower() not in IMAGE_SUFFIXES else "corrupt image"
-                bad.append(f"{path.relative_to(images.root)} ({kind}: {type(exc).__name__})")
+                suffix = os.path.splitext(name)[1].lower()
+                kind = "not an image" if suffix not in IMAGE_SUFFIXES else "corrupt image"
+                bad.append(f"{name} ({kind}: {type(exc).__name__})")
         found += np.bincount(labels[keep], minlength=len(found))
         if keep.any():
             yield (pixels, labels) if keep.all() else (pixels[keep], labels[keep])

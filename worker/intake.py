@@ -1,6 +1,8 @@
 """A fine-tune's bounded intake: archive -> decoded chunks -> encoded chunks -> host latents.
 
-The task thread decodes ``DIFFFIT_INTAKE_CHUNK`` images at a time; each
+The archive is unpacked to disk by a child process (worker.unpack: reading
+an archive's directory costs memory per file, which stays out of the
+worker). The task thread decodes ``DIFFFIT_INTAKE_CHUNK`` images at a time; each
 chunk is encoded by its own engine call (the VAE's posterior mean, or the
 pixels themselves on a pixel-space base), so sampling steps run between
 chunks, and comes back to the host in the base's dtype. The training set
@@ -15,15 +17,20 @@ not with the data set.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from difffit.settings import Settings
-from worker.datasets import ImageSet, decode_chunks, extract, fetch, scan_image_folders
+from difffit.errors import DiffFitError, error_from_code
+from difffit.settings import REPO_ROOT, Settings
+from worker import unpack
+from worker.datasets import ImageSet, decode_chunks, fetch, scan_image_folders
 from worker.faults import job_fault
 
 VAE_BATCH = 64  # rows per VAE forward inside one chunk
@@ -73,7 +80,7 @@ class HostRows:
         if self._dtype is None:
             self._open(chunk)
         if self._file is not None:
-            self._file.write(_as_numpy(chunk).tobytes())
+            self._file.write(memoryview(np.ascontiguousarray(_as_numpy(chunk))))
         else:
             self._ram[self.written : self.written + len(chunk)] = chunk
         self.written += len(chunk)
@@ -140,9 +147,33 @@ def intake(rt, source: bytes | Path | str, channels: int, size: int, path: Path)
         with job_fault("downloading the data set", "lower DIFFFIT_DATASET_MAX_BYTES"):
             source = fetch(source, rt.settings)
     with tempfile.TemporaryDirectory(prefix="difffit-ds-") as tmp:
-        extract(source, Path(tmp), rt.settings)
-        del source  # a downloaded archive's bytes are not needed past here
-        return encode_folders(rt, Path(tmp), channels, size, path)
+        root = Path(tmp) / "files"
+        if isinstance(source, bytes):
+            archive = Path(tmp) / "archive"
+            archive.write_bytes(source)
+            source = archive  # the downloaded bytes are not needed past here
+        unpack_in_child(source, root, rt.settings)
+        return encode_folders(rt, root, channels, size, path)
+
+
+def unpack_in_child(archive: Path, dest: Path, settings: Settings) -> None:
+    """:func:`extract` in a short-lived child process (worker.unpack): same caps, same errors."""
+    caps = {name: getattr(settings, name) for name in unpack.CAPS}
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker.unpack", str(archive), str(dest)],
+        input=json.dumps(caps),
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        check=False,
+    )
+    lines = proc.stdout.strip().splitlines()
+    outcome = json.loads(lines[-1]) if lines else {}
+    if proc.returncode == 0 and not outcome:
+        return
+    if outcome.get("code"):
+        raise error_from_code(outcome["code"], outcome["message"])
+    raise DiffFitError(f"unpacking the data set failed (exit {proc.returncode}): {proc.stderr[-500:]}")
 
 
 def encode_image_set(rt, images: ImageSet) -> EncodedSet:

@@ -217,3 +217,12 @@ def test_retention_requests_stay_within_the_batch_cap(tiny_base, tmp_path):
         assert sum(r // 2 for r in retention) == 32 and max(retention) <= 12
     finally:
         rt.engine.stop()
+
+
+def test_file_names_follow_class_files_order_without_pathlib(tmp_path):
+    folder = tmp_path / "top" / "cls"
+    for name in ["b.png", "a-c.png", "a/b.png", "a/.hidden.png", ".x/y.png", "A.png", "10.png", "9.png"]:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"")
+    expected = [str(p.relative_to(tmp_path)) for p in datasets.class_files(folder)]
+    assert datasets._file_names(folder, tmp_path) == expected

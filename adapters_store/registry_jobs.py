@@ -312,6 +312,16 @@ class JobOps:
 
         return self._db.read(fn)
 
+    def count_active_jobs(self, tenant_id: int) -> int:
+        """The tenant's jobs that are `queued` or `running` (its share of the fine-tune capacity)."""
+
+        def fn(s: Session) -> int:
+            active = Job.state.in_(("queued", "running"))
+            query = select(func.count()).where(Job.tenant_id == tenant_id, active)
+            return int(s.scalar(query) or 0)
+
+        return self._db.read(fn)
+
     def count_jobs_by_state(self) -> dict[str, int]:
         """Number of jobs in each state, all tenants (every state present, 0 if none)."""
 

@@ -22,6 +22,11 @@ FINETUNE_QUEUE = "finetune"
 WORKER_STATS_KEY = "difffit:worker:{}"
 WORKER_STATS_INTERVAL_S = 5.0
 
+# The API sets GENERATE_CANCEL_KEY.format(task_id) (TTL GENERATE_CANCEL_TTL_S) when the
+# caller of a generate went away; the worker's task thread polls it and drops the request.
+GENERATE_CANCEL_KEY = "difffit:cancel:{}"
+GENERATE_CANCEL_TTL_S = 3600
+
 #: Tenant and adapter names: 1-64 lowercase letters, digits, '_' or '-', starting with a
 #: letter or digit. The one definition: the registry, the routes and FinetuneRequest use it.
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
@@ -146,6 +151,7 @@ class GenerateTask(BaseModel):
     """Payload of the generate task: one request of n images."""
 
     request_id: str
+    tenant: str | None = Field(None, description="Who asked: the engine admits round-robin by tenant.")
     adapter: AdapterRef | None = Field(None, description="None samples from the base model.")
     class_labels: list[int] = Field(..., min_length=1, description="One class index per image.")
     seed: int = 0

@@ -104,6 +104,12 @@ class GenerationTimeout(DiffFitError):
         self.task_id = task_id
 
 
+class GenerationCancelled(GenerationTimeout):
+    """The caller went away (or gave up): the request left the engine's batch unfinished."""
+
+    code = "generation-cancelled"
+
+
 class JobCancelled(DiffFitError):
     code = "job-cancelled"
 

@@ -106,6 +106,12 @@ class Settings(BaseSettings):
     engine_threads: int = Field(
         8, ge=1, description="Celery task threads per worker that hand work to the engine thread."
     )
+    max_concurrent_finetunes: int = Field(
+        2,
+        ge=1,
+        description="Fine-tunes one worker runs at once (at most engine_threads - 1, so generate tasks "
+        "always find a thread); a worker at the cap requeues further fine-tune tasks.",
+    )
 
     # --- requests ----------------------------------------------------------
     generate_timeout_s: float = Field(300.0, description="How long POST /generate waits for images.")
@@ -121,6 +127,12 @@ class Settings(BaseSettings):
     )
     max_waiting_generate: int = Field(
         256, ge=1, description="Most POST /generate requests waiting at once per API process; then 429."
+    )
+    tenant_max_queued_generates: int = Field(
+        32, ge=1, description="Most generate requests one tenant has queued or running at once; then 429."
+    )
+    tenant_max_queued_finetunes: int = Field(
+        8, ge=1, description="Most fine-tune jobs one tenant has queued or running at once; then 429."
     )
 
     # --- datasets ----------------------------------------------------------

@@ -45,7 +45,14 @@ from celery.backends.redis import RedisBackend
 from celery.result import AsyncResult
 
 from difffit import contract
-from difffit.errors import BackendUnavailable, DiffFitError, GenerationTimeout, Overloaded, error_from_code
+from difffit.errors import (
+    BackendUnavailable,
+    DiffFitError,
+    GenerationCancelled,
+    GenerationTimeout,
+    Overloaded,
+    error_from_code,
+)
 from difffit.settings import Settings
 
 log = logging.getLogger("difffit.service.queue")
@@ -54,6 +61,8 @@ log = logging.getLogger("difffit.service.queue")
 _PRIORITY_SEP = "\x06\x16"
 _PRIORITY_STEPS = (3, 6, 9)
 _WORKER_KEY_PATTERN = contract.WORKER_STATS_KEY.format("*")
+#: Per tenant, a sorted set of its generate task ids scored by when they stop counting.
+TENANT_GENERATES_KEY = "difffit:tenant:{}:generates"
 
 
 def _connection_errors() -> tuple[type[BaseException], ...]:
@@ -191,11 +200,14 @@ class QueueClient:
                 expires=self.result_expires_s,
             )
 
-    def wait_generate(self, handle: AsyncResult | str, timeout: float) -> contract.GenerateResult:
+    def wait_generate(
+        self, handle: AsyncResult | str, timeout: float, stop: threading.Event | None = None
+    ) -> contract.GenerateResult:
         """Block (in a worker thread) until the result arrives or ``timeout`` passes.
 
-        Raises :class:`GenerationTimeout` (with the task id) on timeout, the
-        worker's domain error when the task reported one, and
+        Raises :class:`GenerationTimeout` (with the task id) on timeout,
+        :class:`GenerationCancelled` once ``stop`` is set (the HTTP client went
+        away), the worker's domain error when the task reported one, and
         :class:`BackendUnavailable` when Redis is gone.
         """
         task_id = handle if isinstance(handle, str) else handle.id
@@ -206,6 +218,8 @@ class QueueClient:
             if result is not None:
                 self._forget(task_id)
                 return result
+            if stop is not None and stop.is_set():
+                raise GenerationCancelled(f"The caller of {task_id} went away.", task_id=task_id)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise GenerationTimeout(
@@ -229,6 +243,49 @@ class QueueClient:
             log.error("generate task %s ended in %s: %r", task_id, state, err)
             raise DiffFitError(f"Generation task {task_id} failed in the worker.")
         return None
+
+    def cancel_generate(self, task_id: str) -> None:
+        """Tell the workers nobody waits for ``task_id`` any more: it leaves the batch
+        at the next step (or is skipped if not started). Best effort."""
+        try:
+            key = contract.GENERATE_CANCEL_KEY.format(task_id)
+            self.redis.set(key, b"1", ex=contract.GENERATE_CANCEL_TTL_S)
+        except Exception as exc:  # noqa: BLE001 - the worker's own timeout still bounds it
+            log.warning("could not flag generate %s as cancelled: %s", task_id, exc)
+
+    def admit_tenant_generate(
+        self, tenant: str, task_id: str, limit: int, hold_s: float, retry_after_s: int
+    ) -> None:
+        """Count ``task_id`` against the tenant's generates for at most ``hold_s``, or
+        raise :class:`Overloaded` when the tenant already has ``limit`` counted.
+
+        Added first, then counted and taken back if over: concurrent requests
+        can be refused together but never overshoot the limit. Entries expire by
+        their score, so an API process that dies leaks nothing for long.
+        """
+        key = TENANT_GENERATES_KEY.format(tenant)
+        now = time.time()
+        with _backend_guard("counting the tenant's generate requests"):
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.zremrangebyscore(key, "-inf", now)
+            pipe.zadd(key, {task_id: now + hold_s})
+            pipe.expire(key, int(hold_s) + 60)
+            pipe.zcard(key)
+            count = int(pipe.execute()[-1])
+            if count > limit:
+                self.redis.zrem(key, task_id)
+                raise Overloaded(
+                    f"This tenant already has {count - 1} generate requests queued or running, its limit "
+                    f"(DIFFFIT_TENANT_MAX_QUEUED_GENERATES={limit}); retry in {retry_after_s} s.",
+                    retry_after_s=retry_after_s,
+                )
+
+    def release_tenant_generate(self, tenant: str, task_id: str) -> None:
+        """``task_id`` no longer counts against its tenant (its wait ended)."""
+        try:
+            self.redis.zrem(TENANT_GENERATES_KEY.format(tenant), task_id)
+        except Exception as exc:  # noqa: BLE001 - the entry expires by itself
+            log.debug("could not release %s of tenant %s: %s", task_id, tenant, exc)
 
     def _forget(self, task_id: str) -> None:
         try:

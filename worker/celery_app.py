@@ -4,7 +4,9 @@ Long fine-tuning jobs need late acks (a task is acknowledged only when it
 ends), requeue on worker loss, prefetch 1, and a Redis visibility timeout
 above the longest job, or Redis redelivers them while they still run.
 The thread pool lets many generate tasks reach the one engine thread at
-once, so they batch; never use prefork with CUDA in the parent.
+once, so they batch; never use prefork with CUDA in the parent. Fine-tunes
+share that pool, capped per worker (worker.finetune_slots) so generates
+always find a thread.
 """
 
 from __future__ import annotations
@@ -59,6 +61,34 @@ def get_runtime():
 
             _runtime = Runtime(settings)
         return _runtime
+
+
+_lazy_lock = threading.Lock()  # not _runtime_lock: building the runtime takes a while
+_finetune_slots = None
+_cancel_flags = None
+
+
+def get_finetune_slots():
+    """This process's cap of concurrent fine-tunes (DIFFFIT_MAX_CONCURRENT_FINETUNES)."""
+    global _finetune_slots
+    with _lazy_lock:
+        if _finetune_slots is None:
+            from worker.finetune_slots import FinetuneSlots, effective_cap
+
+            cap = effective_cap(settings.max_concurrent_finetunes, settings.engine_threads)
+            _finetune_slots = FinetuneSlots(cap)
+        return _finetune_slots
+
+
+def get_cancel_flags():
+    """The reader of the API's "caller went away" flags."""
+    global _cancel_flags
+    with _lazy_lock:
+        if _cancel_flags is None:
+            from worker.cancellation import CancelFlags
+
+            _cancel_flags = CancelFlags(settings.redis_url)
+        return _cancel_flags
 
 
 _stats = None

@@ -35,7 +35,7 @@ from adapters_store import lifecycle
 from core.adapter.file import adapter_metadata, save_adapter
 from core.adapter.model import count_params
 from core.diffusion import GaussianDiffusion
-from core.engine.images import grid_png
+from core.engine.images import grid_png, to_pngs
 from core.engine.sampling import SampleRequest
 from core.engine.training import TrainingData, TrainingRun
 from difffit.contract import TERMINAL_JOB_STATES, FinetuneRequest
@@ -323,5 +323,5 @@ def _sample_grid(rt, sha: str, tensors, num_classes: int, resolution: int) -> by
         scheduler_name="ddim",
         latent_size=rt.latent_size(resolution),
     )
-    pngs = rt.engine.submit(request).result()
+    pngs = to_pngs(rt.engine.submit(request).result())  # encoded here, off the engine thread
     return grid_png(pngs, columns=GRID_PER_CLASS, scale=2 if resolution < 64 else 1)

@@ -20,7 +20,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from core.engine.images import grid_png
+from core.engine.images import grid_png, to_pngs
 from core.engine.sampling import SampleRequest
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class PreviewSampler:
         self.pending = None
         self._release(pending.key)
         try:
-            pngs = pending.future.result()
+            pngs = to_pngs(pending.future.result())
         except Exception as exc:  # noqa: BLE001 - a preview is best effort; the job goes on
             log.warning("preview at step %d of job %s failed: %s", pending.step, self.job_id, exc)
             return

@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import logging
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
 import torch
@@ -21,13 +23,16 @@ from core.base_model import BaseModel, load_base, resolve_device
 from core.engine.capacity import Capacity, device_budget, plan_capacity, vector_width
 from core.engine.engine import Engine
 from core.engine.host_tier import HostTier
+from core.engine.images import to_pngs
 from core.engine.sampling import SampleRequest
 from difffit.contract import GenerateResult, GenerateTask
-from difffit.errors import AdapterNotFound, GenerationTimeout, InvalidRequest
+from difffit.errors import AdapterNotFound, GenerationCancelled, GenerationTimeout, InvalidRequest
 from difffit.settings import Settings
 
 log = logging.getLogger(__name__)
 
+#: How often a waiting task thread asks whether its caller went away.
+CANCEL_POLL_S = 0.25
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -138,8 +143,13 @@ class Runtime:
         return resolution // self.base.vae_scale
 
     # -- generate --------------------------------------------------------------
-    def generate(self, task: GenerateTask) -> GenerateResult:
-        """Sample the task's images in the shared batch; PNGs as base64."""
+    def generate(self, task: GenerateTask, cancelled: Callable[[], bool] | None = None) -> GenerateResult:
+        """Sample the task's images in the shared batch; PNGs as base64.
+
+        `cancelled` (polled while waiting) says the caller went away; then, as
+        on this worker's own timeout, the request leaves the engine's batch at
+        the next step. The PNGs are encoded here, on the task thread.
+        """
         started = time.perf_counter()
         tensors, key = None, None
         if task.adapter is not None:
@@ -164,20 +174,32 @@ class Runtime:
             guidance_scale=task.guidance_scale,
             scheduler_name=task.scheduler,
             latent_size=self.latent_size(sampling_resolution(task.resolution, trained_at, who)),
+            tenant=task.tenant,
         )
-        future = self.engine.submit(request)
-        try:
-            pngs = future.result(timeout=self.settings.generate_timeout_s)
-        except FutureTimeout as exc:
-            future.cancel()
-            raise GenerationTimeout(
-                f"no images after {self.settings.generate_timeout_s}s", task_id=task.request_id
-            ) from exc
+        if cancelled is not None and cancelled():
+            raise GenerationCancelled("the caller went away before sampling started", task_id=task.request_id)
+        images = self._wait_images(task, self.engine.submit(request), cancelled)
         return GenerateResult(
-            images_png_b64=[base64.b64encode(p).decode() for p in pngs],
+            images_png_b64=[base64.b64encode(p).decode() for p in to_pngs(images)],
             seconds=time.perf_counter() - started,
             batch_sizes=request.batch_sizes,
         )
+
+    def _wait_images(self, task: GenerateTask, future: Future, cancelled: Callable[[], bool] | None):
+        timeout = self.settings.generate_timeout_s
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                return future.result(timeout=max(0.0, min(CANCEL_POLL_S, remaining)))
+            except FutureTimeout:
+                pass
+            if cancelled is not None and cancelled():
+                future.cancel()  # the engine drops it at the next step
+                raise GenerationCancelled("the caller went away; sampling stopped", task_id=task.request_id)
+            if remaining <= 0:
+                future.cancel()
+                raise GenerationTimeout(f"no images after {timeout}s", task_id=task.request_id)
 
     # -- finetune --------------------------------------------------------------
     def finetune(self, job_id: str) -> None:

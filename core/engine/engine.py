@@ -26,7 +26,6 @@ import torch
 from core.adapter.model import DiffFitDiT
 from core.base_model import BaseModel
 from core.engine.bank import SlotBank
-from core.engine.images import to_png
 from core.engine.sampling import SampleRequest, denoise_step
 from difffit.errors import DiffFitError
 
@@ -53,6 +52,8 @@ class Engine:
         self.max_batch_size = max_batch_size
         self._inbox: queue.Queue = queue.Queue()
         self._waiting: deque[SampleRequest] = deque()
+        self._admissions = 0  # admission counter; per tenant, the value at its last one
+        self._last_admitted: dict[str | None, int] = {}
         self._active: list[SampleRequest] = []
         self._training: deque = deque()
         self._stop = threading.Event()
@@ -141,30 +142,56 @@ class Engine:
             future.set_exception(exc)
 
     def _admit(self) -> None:
+        """Drop cancelled requests, then start waiting ones, round-robin across tenants.
+
+        Each pick goes to the tenant admitted least recently (FIFO within a
+        tenant, a request that does not fit yet is passed over), so one
+        tenant's backlog cannot hold back another's single request.
+        """
+        for r in [r for r in self._active if r.future.cancelled()]:
+            self._finish(r)  # the caller gave up: its rows and slot go to others now
         rows = sum(r.rows for r in self._active)
-        still: deque[SampleRequest] = deque()
-        while self._waiting:
-            r = self._waiting.popleft()
-            if r.future.cancelled():
-                continue
-            # A request bigger than the cap runs alone rather than never.
-            if rows + r.rows > self.max_batch_size and (self._active or rows):
-                still.append(r)
-                continue
+        waiting = [r for r in self._waiting if not r.future.cancelled()]
+        blocked: set[int] = set()  # no free slot for these in this pass
+        while (r := self._next_to_admit(waiting, rows, blocked)) is not None:
             try:
                 slot = self.bank.acquire(r.adapter_key, r.adapter_tensors)
             except Exception as exc:  # noqa: BLE001 - the request fails, the engine lives
+                waiting.remove(r)
                 r.future.set_exception(exc)
                 continue
             if slot is None:
-                still.append(r)
+                blocked.add(id(r))
                 continue
+            waiting.remove(r)
             r.slot, r.null_label = slot, self.model.num_classes_of(slot)
             r.adapter_tensors = None  # the bank has them now
             r.start(self.base.scheduler_config, self.base.in_channels, self.device, self.dtype)
             self._active.append(r)
             rows += r.rows
-        self._waiting = still
+            self._admissions += 1
+            self._last_admitted[r.tenant] = self._admissions
+        self._waiting = deque(waiting)
+        # Only tenants still waiting need their turn remembered; one that comes back goes first.
+        present = {r.tenant for r in waiting}
+        self._last_admitted = {t: n for t, n in self._last_admitted.items() if t in present}
+
+    def _next_to_admit(
+        self, waiting: list[SampleRequest], rows: int, blocked: set[int]
+    ) -> SampleRequest | None:
+        """The first request that fits of the tenant whose last admission is oldest."""
+        best, best_turn, seen = None, 0, set()
+        for r in waiting:
+            if r.tenant in seen or id(r) in blocked:
+                continue
+            # A request bigger than the cap runs alone rather than never.
+            if rows + r.rows > self.max_batch_size and (self._active or rows):
+                continue
+            seen.add(r.tenant)
+            turn = self._last_admitted.get(r.tenant, 0)
+            if best is None or turn < best_turn:
+                best, best_turn = r, turn
+        return best
 
     def _sample_step(self) -> None:
         # Requests that cannot share a forward (another latent size) form groups;
@@ -202,9 +229,12 @@ class Engine:
         if not r.future.done():
             r.future.set_exception(exc) if exc is not None else r.future.set_result(result)
 
-    def _decode(self, latents: torch.Tensor) -> list[bytes]:
-        """[N, C, h, w] latents -> N PNG files, one batched VAE decode."""
-        return [to_png(img) for img in self.base.decode(latents).float().cpu()]
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """[N, C, h, w] latents -> [N, C, H, W] float images on the CPU, one batched VAE decode.
+
+        PNG encoding is left to the callers' threads: it never holds up the next step.
+        """
+        return self.base.decode(latents).float().cpu()
 
     def _training_may_run(self) -> bool:
         """With sampling waiting, train only while training's time share is under train_share."""

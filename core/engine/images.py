@@ -21,6 +21,11 @@ def to_png(image: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
+def to_pngs(images: torch.Tensor) -> list[bytes]:
+    """[N, C, H, W] in [-1, 1] (what the engine resolves to) -> N PNG files."""
+    return [to_png(img) for img in images]
+
+
 def grid_png(pngs: list[bytes], columns: int, scale: int = 1) -> bytes:
     """Tile PNG images (same size) into one grid PNG, optionally upscaled."""
     images = [Image.open(io.BytesIO(p)) for p in pngs]

@@ -49,6 +49,8 @@ class SampleRequest:
     """One generate request (n images) as the engine thread sees it.
 
     latents: [n, C, h, w] on the device; labels: [n] in the adapter's space.
+    A cancelled future (the caller timed out or went away) leaves the batch at
+    the next step boundary, freeing its rows and slot.
     """
 
     request_id: str
@@ -60,7 +62,11 @@ class SampleRequest:
     guidance_scale: float
     scheduler_name: str
     latent_size: int
-    return_latents: bool = False  # resolve to latents [n, C, h, w] on CPU instead of PNGs
+    return_latents: bool = False  # resolve to latents [n, C, h, w] on CPU instead of images
+    #: Who asked: waiting requests are admitted round-robin across tenants (None is one tenant).
+    tenant: str | None = None
+    #: Resolves to the decoded images, float [n, C, H, W] in [-1, 1] on the CPU (PNG encoding
+    #: is the caller's, off the engine thread). Cancelling it drops the request from the batch.
     future: Future = field(default_factory=Future)
     # filled in by the engine
     slot: int = -1

@@ -2,7 +2,8 @@
 
 The finetune queue in Redis holds at most ``max_queued_finetune`` jobs; a
 request above that is refused with 429 + ``Retry-After`` before any job is
-recorded, so nothing is half-accepted.
+recorded, so nothing is half-accepted. So is a tenant's job above
+``tenant_max_queued_finetunes`` of its own jobs `queued` or `running`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from fastapi import APIRouter, Header, Response
 
 from difffit.archives import check_public_host
 from difffit.contract import FINETUNE_QUEUE, FinetuneRequest
-from difffit.errors import BackendUnavailable, InvalidRequest
+from difffit.errors import BackendUnavailable, InvalidRequest, Overloaded
 from difffit.logging_setup import bind_log_context
 from difffit.settings import Settings
 from service.deps import QueueDep, RegistryDep, SettingsDep, TenantDep
@@ -59,6 +60,18 @@ def check_webhook_url(url: str, settings: Settings) -> None:
     check_public_host(url.strip(), settings, what="webhook", error=InvalidRequest)
 
 
+def check_tenant_jobs(registry, tenant_id: int, settings: Settings) -> None:
+    """429 when the tenant already has its limit of jobs queued or running."""
+    limit = settings.tenant_max_queued_finetunes
+    active = registry.count_active_jobs(tenant_id)
+    if active >= limit:
+        raise Overloaded(
+            f"This tenant already has {active} fine-tune jobs queued or running, its limit "
+            f"(DIFFFIT_TENANT_MAX_QUEUED_FINETUNES={limit}); retry in {FINETUNE_RETRY_AFTER_S} s.",
+            retry_after_s=FINETUNE_RETRY_AFTER_S,
+        )
+
+
 @router.post(
     "/finetune",
     response_model=Job,
@@ -67,7 +80,8 @@ def check_webhook_url(url: str, settings: Settings) -> None:
     description="Validates the request, records a `queued` job and sends it to the finetune "
     "queue. With an `Idempotency-Key` header, repeating the same body returns the same job "
     "(header `Idempotent-Replayed: true`) and queues nothing; the same key with a different "
-    "body is a 409. 429 (with `Retry-After`) while the finetune queue is full. The data set is "
+    "body is a 409. 429 (with `Retry-After`) while the finetune queue is full or the tenant "
+    "has its limit of jobs queued or running. The data set is "
     "`dataset_url` or an uploaded `dataset_id`; `webhook_url` gets a signed POST of the job "
     "when it ends; `preview_every` adds `preview` events (small sample grids) to the job's stream.",
     responses={202: {"headers": {"Location": {"description": "/jobs/{id}"}}}}
@@ -95,6 +109,7 @@ def create_finetune(
     if body.webhook_url is not None:
         check_webhook_url(body.webhook_url, settings)
     queue.check_backlog(FINETUNE_QUEUE, settings.max_queued_finetune, FINETUNE_RETRY_AFTER_S)
+    check_tenant_jobs(registry, tenant.id, settings)
     job, created = registry.create_job(
         tenant.id,
         body.adapter,

@@ -7,15 +7,22 @@ Overload is answered early, never by waiting without bound:
   anything is enqueued;
 - at most ``max_waiting_generate`` requests per API process wait for their
   images at once (each holds a thread while it polls); one more is a 429;
+- one tenant has at most ``tenant_max_queued_generates`` requests queued or
+  running (counted in Redis, across API processes); one more is a 429;
 - a wait longer than ``generate_timeout_s`` is a 504 whose ``task_id`` can be
   polled at ``GET /generate/{task_id}``: the task stays queued and its result
-  stays readable until the result backend expires it.
+  stays readable until the result backend expires it (the worker still drops
+  it at its own ``generate_timeout_s``);
+- a client that disconnects while waiting has its task cancelled: the worker
+  takes it out of the engine's batch at the next step.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import re
+import threading
 import uuid
 from typing import Annotated, Any
 
@@ -33,7 +40,7 @@ from difffit.contract import (
     GenerateTask,
     SchedulerName,
 )
-from difffit.errors import InvalidRequest, NotFound, Overloaded
+from difffit.errors import GenerationCancelled, GenerationTimeout, InvalidRequest, NotFound, Overloaded
 from difffit.logging_setup import bind_log_context
 from difffit.settings import Settings
 from service.deps import QueueDep, RegistryDep, SettingsDep, TenantDep
@@ -44,6 +51,8 @@ router = APIRouter(tags=["generate"])
 
 #: Retry-After (s) of the 429s: a queue full of generate tasks drains in seconds.
 GENERATE_RETRY_AFTER_S = 5
+#: How often a waiting request checks whether its client is still connected.
+DISCONNECT_POLL_S = 0.5
 #: Largest class index accepted for the base model while its class names are unknown.
 MAX_CLASS_INDEX = 2**31 - 1
 
@@ -228,6 +237,7 @@ async def sample(
     )
     task = GenerateTask(
         request_id=f"{tenant.id}-{uuid.uuid4().hex}",
+        tenant=str(tenant.id),
         adapter=ref,
         class_labels=[idx] * n,
         seed=seed,
@@ -252,13 +262,57 @@ async def sample(
             settings.max_queued_generate,
             GENERATE_RETRY_AFTER_S,
         )
-        handle = await run_in_threadpool(queue.enqueue_generate, task)
-        result = await anyio.to_thread.run_sync(
-            queue.wait_generate, handle, settings.generate_timeout_s, limiter=limiters.threads
+        # Counted until the wait ends; after a 504 until the worker's own timeout could end it too.
+        await run_in_threadpool(
+            queue.admit_tenant_generate,
+            task.tenant,
+            task.request_id,
+            settings.tenant_max_queued_generates,
+            2 * settings.generate_timeout_s + 60,
+            GENERATE_RETRY_AFTER_S,
         )
+        try:
+            handle = await run_in_threadpool(queue.enqueue_generate, task)
+            result = await _wait_while_connected(request, queue, handle, settings, limiters)
+        except GenerationCancelled:
+            await run_in_threadpool(queue.cancel_generate, task.request_id)
+            await run_in_threadpool(queue.release_tenant_generate, task.tenant, task.request_id)
+            raise
+        except GenerationTimeout:
+            raise  # still queued or running: it keeps counting until its entry expires
+        except BaseException:
+            await run_in_threadpool(queue.release_tenant_generate, task.tenant, task.request_id)
+            raise
+        await run_in_threadpool(queue.release_tenant_generate, task.tenant, task.request_id)
     finally:
         limiters.admission.release()
     return task, ref, idx, class_name, resolved_version, result
+
+
+async def _wait_while_connected(
+    request: Request, queue: Any, handle: Any, settings: Settings, limiters: _WaitLimiters
+) -> Any:
+    """The task's result; GenerationCancelled when the HTTP client disconnects first."""
+    gone = threading.Event()
+
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await anyio.sleep(DISCONNECT_POLL_S)
+        gone.set()
+
+    wait = functools.partial(queue.wait_generate, handle, settings.generate_timeout_s, stop=gone)
+    error: Exception | None = None
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch)
+        try:
+            result = await anyio.to_thread.run_sync(wait, limiter=limiters.threads)
+        except Exception as exc:  # noqa: BLE001 - raised below, not wrapped in an ExceptionGroup
+            error = exc
+        finally:
+            tg.cancel_scope.cancel()
+    if error is not None:
+        raise error
+    return result
 
 
 @router.post(
@@ -273,8 +327,9 @@ async def sample(
     "the allowed one. Answers `image/png` when n = 1 unless the Accept header prefers "
     "`application/json`; otherwise JSON with base64 PNGs. A request still running after the "
     "server's timeout gets a 504 problem whose `task_id` can be polled at "
-    "`GET /generate/{task_id}`. 429 (with `Retry-After`) when the generate queue or this "
-    "server's waiting requests are at their limits. The task id is also in `X-Task-Id`.",
+    "`GET /generate/{task_id}`. 429 (with `Retry-After`) when the generate queue, this "
+    "server's waiting requests or the tenant's queued generates are at their limits. A client "
+    "that disconnects cancels its request. The task id is also in `X-Task-Id`.",
     responses={
         200: {
             "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},

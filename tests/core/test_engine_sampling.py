@@ -13,6 +13,7 @@ from base_models.tiny import make_tiny_base
 from core.adapter.model import DiffFitDiT
 from core.base_model import load_base
 from core.engine.engine import Engine
+from core.engine.images import to_pngs
 from core.engine.sampling import SampleRequest, denoise_step
 from difffit.contract import Placement
 from tests.conftest import random_adapter
@@ -121,9 +122,9 @@ def test_engine_thread_serves_concurrent_requests_and_a_full_bank(tiny_base):
         for i, (key, t) in enumerate(tensors.items()):
             r = SampleRequest(f"e{i}", key, t, [0, 1], i, 4, 2.0, "ddim", 8)
             futures.append(engine.submit(r))
-        pngs = [f.result(timeout=60) for f in futures]
-        assert all(len(p) == 2 for p in pngs)
-        assert Image.open(io.BytesIO(pngs[0][0])).size == (8, 8)
+        images = [f.result(timeout=60) for f in futures]
+        assert all(tuple(i.shape) == (2, 1, 8, 8) and i.dtype == torch.float32 for i in images)
+        assert Image.open(io.BytesIO(to_pngs(images[0])[0])).size == (8, 8)
         stats = engine.stats()
         assert stats["misses"] == 4 and stats["evictions"] >= 2 and stats["resident"] == 2
     finally:

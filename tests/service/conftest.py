@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient
 
 from adapters_store import Registry, TenantRecord, VersionRecord
 from difffit.contract import WORKER_STATS_KEY, GenerateResult, GenerateTask, WorkerStats
-from difffit.errors import BackendUnavailable
+from difffit.errors import BackendUnavailable, Overloaded
 from difffit.settings import Settings
 from launch.embedded import free_port, start_redis, stop_process
 from service.deps import get_queue
@@ -90,6 +90,10 @@ class FakeQueue:
     depths: dict[str, int] = field(default_factory=dict)
     #: The live workers (one serving the bundled base by default).
     workers: list[WorkerStats] = field(default_factory=lambda: [worker_stats()])
+    #: Per tenant, the generate task ids counted against it (admit/release).
+    tenant_generates: dict[str, set[str]] = field(default_factory=dict)
+    #: Task ids the API flagged as cancelled (their client went away).
+    cancelled: list[str] = field(default_factory=list)
 
     def enqueue_generate(self, task: GenerateTask) -> FakeHandle:
         if self.down:
@@ -97,7 +101,7 @@ class FakeQueue:
         self.generated.append(task)
         return FakeHandle(task.request_id)
 
-    def wait_generate(self, handle: FakeHandle, timeout: float) -> GenerateResult:
+    def wait_generate(self, handle: FakeHandle, timeout: float, stop: Any = None) -> GenerateResult:
         task = next(t for t in self.generated if t.request_id == handle.id)
         if self.on_generate is not None:
             return self.on_generate(task)
@@ -106,6 +110,22 @@ class FakeQueue:
 
     def poll_generate(self, task_id: str) -> GenerateResult | None:
         return None
+
+    def admit_tenant_generate(
+        self, tenant: str, task_id: str, limit: int, hold_s: float, retry_after_s: int
+    ) -> None:
+        held = self.tenant_generates.setdefault(tenant, set())
+        if len(held) >= limit:
+            raise Overloaded(
+                f"tenant limit (DIFFFIT_TENANT_MAX_QUEUED_GENERATES={limit})", retry_after_s=retry_after_s
+            )
+        held.add(task_id)
+
+    def release_tenant_generate(self, tenant: str, task_id: str) -> None:
+        self.tenant_generates.get(tenant, set()).discard(task_id)
+
+    def cancel_generate(self, task_id: str) -> None:
+        self.cancelled.append(task_id)
 
     def enqueue_finetune(self, job_id: str) -> None:
         if self.down:

@@ -25,6 +25,7 @@ from PIL import Image
 
 from core.adapter.file import adapter_metadata, save_adapter
 from core.diffusion import GaussianDiffusion
+from core.engine.images import to_pngs
 from core.engine.sampling import SampleRequest
 from core.engine.training import TrainingRun
 from core.xl_configs import xl_base
@@ -135,5 +136,5 @@ def test_xl_shaped_bf16_intake_fine_tune_mixed_batch_and_512(xl_runtime):
         request_id="xl-512", adapter_key=refs[0].sha256, adapter_tensors=runs["difffit"][0], labels=[0],
         seed=1, steps=2, guidance_scale=4.0, scheduler_name="ddim", latent_size=64,
     )  # fmt: skip
-    (png,) = rt.engine.submit(request).result(timeout=600)
+    (png,) = to_pngs(rt.engine.submit(request).result(timeout=600))
     assert Image.open(io.BytesIO(png)).size == (512, 512)

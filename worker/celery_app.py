@@ -57,15 +57,17 @@ def get_runtime():
     global _runtime
     with _runtime_lock:
         if _runtime is None:
+            from worker.cancellation import CancelWatcher, redis_source
             from worker.runtime import Runtime
 
-            _runtime = Runtime(settings)
+            runtime = Runtime(settings)
+            runtime.cancel_watcher = CancelWatcher(redis_source(settings.redis_url)).start()
+            _runtime = runtime
         return _runtime
 
 
 _lazy_lock = threading.Lock()  # not _runtime_lock: building the runtime takes a while
 _finetune_slots = None
-_cancel_flags = None
 
 
 def get_finetune_slots():
@@ -78,17 +80,6 @@ def get_finetune_slots():
             cap = effective_cap(settings.max_concurrent_finetunes, settings.engine_threads)
             _finetune_slots = FinetuneSlots(cap)
         return _finetune_slots
-
-
-def get_cancel_flags():
-    """The reader of the API's "caller went away" flags."""
-    global _cancel_flags
-    with _lazy_lock:
-        if _cancel_flags is None:
-            from worker.cancellation import CancelFlags
-
-            _cancel_flags = CancelFlags(settings.redis_url)
-        return _cancel_flags
 
 
 _stats = None
@@ -114,4 +105,6 @@ def _stop_engine(**_):
     if _stats is not None:
         _stats.stop()
     if _runtime is not None:
+        if _runtime.cancel_watcher is not None:
+            _runtime.cancel_watcher.stop()
         _runtime.engine.stop()

@@ -8,10 +8,10 @@ and hand device work to the one engine thread.
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import time
-from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
 import torch
@@ -31,8 +31,6 @@ from difffit.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: How often a waiting task thread asks whether its caller went away.
-CANCEL_POLL_S = 0.25
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -50,8 +48,16 @@ def sampling_resolution(requested: int | None, trained_at: int, who: str) -> int
     )
 
 
+@contextlib.contextmanager
+def _no_watch(task_id: str, future: Future):
+    yield
+
+
 class Runtime:
     """Everything one worker process holds: built once, shared by task threads."""
+
+    #: Cancels the futures of generates whose caller went away (worker.cancellation); None: none.
+    cancel_watcher = None
 
     def __init__(self, settings: Settings, base: BaseModel | None = None):
         self.settings = settings
@@ -143,12 +149,12 @@ class Runtime:
         return resolution // self.base.vae_scale
 
     # -- generate --------------------------------------------------------------
-    def generate(self, task: GenerateTask, cancelled: Callable[[], bool] | None = None) -> GenerateResult:
+    def generate(self, task: GenerateTask) -> GenerateResult:
         """Sample the task's images in the shared batch; PNGs as base64.
 
-        `cancelled` (polled while waiting) says the caller went away; then, as
-        on this worker's own timeout, the request leaves the engine's batch at
-        the next step. The PNGs are encoded here, on the task thread.
+        On this worker's timeout, or when `cancel_watcher` sees the caller went
+        away, the request's future is cancelled and it leaves the engine's
+        batch at the next step. The PNGs are encoded here, on the task thread.
         """
         started = time.perf_counter()
         tensors, key = None, None
@@ -176,30 +182,26 @@ class Runtime:
             latent_size=self.latent_size(sampling_resolution(task.resolution, trained_at, who)),
             tenant=task.tenant,
         )
-        if cancelled is not None and cancelled():
-            raise GenerationCancelled("the caller went away before sampling started", task_id=task.request_id)
-        images = self._wait_images(task, self.engine.submit(request), cancelled)
+        future = self.engine.submit(request)
+        watch = self.cancel_watcher.watch if self.cancel_watcher else _no_watch
+        with watch(task.request_id, future):
+            images = self._wait_images(task, future)
         return GenerateResult(
             images_png_b64=[base64.b64encode(p).decode() for p in to_pngs(images)],
             seconds=time.perf_counter() - started,
             batch_sizes=request.batch_sizes,
         )
 
-    def _wait_images(self, task: GenerateTask, future: Future, cancelled: Callable[[], bool] | None):
+    def _wait_images(self, task: GenerateTask, future: Future):
         timeout = self.settings.generate_timeout_s
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            try:
-                return future.result(timeout=max(0.0, min(CANCEL_POLL_S, remaining)))
-            except FutureTimeout:
-                pass
-            if cancelled is not None and cancelled():
-                future.cancel()  # the engine drops it at the next step
-                raise GenerationCancelled("the caller went away; sampling stopped", task_id=task.request_id)
-            if remaining <= 0:
-                future.cancel()
-                raise GenerationTimeout(f"no images after {timeout}s", task_id=task.request_id)
+        try:
+            return future.result(timeout=timeout)
+        except CancelledError:
+            message = "the caller went away; sampling stopped"
+            raise GenerationCancelled(message, task_id=task.request_id) from None
+        except FutureTimeout as exc:
+            future.cancel()  # the engine drops it at the next step
+            raise GenerationTimeout(f"no images after {timeout}s", task_id=task.request_id) from exc
 
     # -- finetune --------------------------------------------------------------
     def finetune(self, job_id: str) -> None:

@@ -19,12 +19,12 @@ FINETUNE_REQUEUE_S = 5
 @shared_task(name=GENERATE_TASK)
 def generate(payload: dict) -> dict:
     """Sample images for one request; returns {"ok": True, "result": GenerateResult}."""
-    from worker.celery_app import get_cancel_flags, get_runtime
+    from worker.celery_app import get_runtime
 
     try:
         task = GenerateTask.model_validate(payload)
         with log_context(task_id=task.request_id):
-            result = get_runtime().generate(task, cancelled=get_cancel_flags().probe(task.request_id))
+            result = get_runtime().generate(task)
         return {"ok": True, "result": result.model_dump()}
     except DiffFitError as exc:
         return {"ok": False, "error": exc.to_dict()}

@@ -3,9 +3,11 @@
 Celery task threads hand it :class:`SampleRequest` and training runs and
 wait on futures. Each loop iteration:
 
-1. admit waiting requests at the step boundary (batch-size cap, free slot);
+1. drop cancelled requests, admit waiting ones at the step boundary (batch-size
+   cap, free slot), round-robin across tenants;
 2. one denoising step for a group of requests sharing a latent size;
-3. decode the requests that finished (one batched VAE call) and resolve them;
+3. decode the requests that finished (one batched VAE call) and resolve them
+   with image tensors (the callers encode PNGs on their own threads);
 4. one micro-batch of a training run's optimizer step, if any (sampling goes
    first; a step split into micro-batches lets sampling steps run between them).
 
@@ -80,7 +82,7 @@ class Engine:
         return self._thread.is_alive()
 
     def submit(self, request: SampleRequest) -> Future:
-        """Queue a sampling request; its future resolves to a list of PNG bytes."""
+        """Queue a sampling request; its future resolves to float CPU images [n, C, H, W]."""
         self._inbox.put(("sample", request))
         return request.future
 

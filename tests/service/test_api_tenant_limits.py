@@ -19,7 +19,7 @@ from difffit.errors import Overloaded
 from launch.embedded import free_port
 from service.main import create_app
 from service.queue import TENANT_GENERATES_KEY, QueueClient
-from worker.cancellation import CancelFlags
+from worker.cancellation import redis_source
 
 DEADLINE_S = 30.0
 BODY = {"dataset_url": "https://data.example/fungi.zip", "adapter": "fungi", "steps": 20}
@@ -61,10 +61,10 @@ def test_queue_counts_a_tenants_generates_and_flags_cancels(limited, redis_clien
         redis_client.zadd(TENANT_GENERATES_KEY.format("7"), {"7-b": time.time() - 1})
         queue.admit_tenant_generate("7", "7-d", limit=2, hold_s=60, retry_after_s=5)
 
-        probe = CancelFlags(limited.redis_url)
-        assert not probe.probe("7-c")()
+        flagged = redis_source(limited.redis_url)  # what the worker's CancelWatcher reads
+        assert flagged(["7-c", "7-d"]) == []
         queue.cancel_generate("7-c")
-        assert probe.probe("7-c")() and not probe.probe("7-d")()
+        assert flagged(["7-c", "7-d"]) == ["7-c"]
         ttl = redis_client.ttl(contract.GENERATE_CANCEL_KEY.format("7-c"))
         assert 0 < ttl <= contract.GENERATE_CANCEL_TTL_S
     finally:

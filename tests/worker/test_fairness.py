@@ -14,6 +14,7 @@ from difffit.contract import GenerateTask
 from difffit.errors import GenerationCancelled
 from difffit.settings import Settings
 from worker import tasks
+from worker.cancellation import CancelWatcher
 from worker.finetune_slots import FinetuneSlots, effective_cap
 from worker.runtime import Runtime
 
@@ -25,11 +26,6 @@ def runtime(tiny_base, tmp_path):
     rt = Runtime(Settings(data_dir=tmp_path, base_model=tiny_base, adapter_slots=3, max_classes=10))
     yield rt
     rt.engine.stop()
-
-
-class _NoCancel:
-    def probe(self, task_id):
-        return lambda: False
 
 
 def test_effective_cap_leaves_a_thread_for_generates():
@@ -50,7 +46,6 @@ def test_a_worker_at_its_fine_tune_cap_still_runs_a_generate(runtime, monkeypatc
 
     monkeypatch.setattr(runtime, "finetune", long_finetune)
     monkeypatch.setattr(celery_app, "_runtime", runtime)
-    monkeypatch.setattr(celery_app, "_cancel_flags", _NoCancel())
     monkeypatch.setattr(celery_app, "_finetune_slots", FinetuneSlots(1))
     task = GenerateTask(request_id="g", tenant="1", class_labels=[1], seed=3, steps=3)
     with ThreadPoolExecutor(2) as pool:
@@ -74,13 +69,14 @@ def test_a_worker_at_its_fine_tune_cap_still_runs_a_generate(runtime, monkeypatc
 
 
 def test_a_caller_that_went_away_stops_the_request_at_the_next_step(runtime):
-    gone = threading.Event()
+    flagged: set[str] = set()  # stands in for the API's Redis flags (see test_api_tenant_limits)
+    runtime.cancel_watcher = CancelWatcher(lambda ids: [i for i in ids if i in flagged], 0.05).start()
     task = GenerateTask(request_id="c", tenant="1", class_labels=[0, 1], seed=1, steps=1000)
     box: dict = {}
 
     def run():
         try:
-            runtime.generate(task, cancelled=gone.is_set)
+            runtime.generate(task)
         except GenerationCancelled as exc:
             box["error"] = exc
 
@@ -91,10 +87,11 @@ def test_a_caller_that_went_away_stops_the_request_at_the_next_step(runtime):
     while engine.stats()["active_requests"] == 0 or engine.steps_run < 2:
         assert time.monotonic() < deadline
         time.sleep(0.005)
-    gone.set()
+    flagged.add("c")
     thread.join(DEADLINE_S)
     assert isinstance(box.get("error"), GenerationCancelled)
     while engine.stats()["active_requests"]:
         assert time.monotonic() < deadline
         time.sleep(0.005)
     assert engine.steps_run < 1000  # it left the batch long before its last step
+    runtime.cancel_watcher.stop()

@@ -174,8 +174,10 @@ class Engine:
             self._admissions += 1
             self._last_admitted[r.tenant] = self._admissions
         self._waiting = deque(waiting)
-        # Only tenants still waiting need their turn remembered; one that comes back goes first.
-        present = {r.tenant for r in waiting}
+        # Only tenants still waiting or running need their turn remembered (one that
+        # comes back after both goes first); a tenant whose one request is running
+        # keeps its turn, so its next request queues behind another tenant's.
+        present = {r.tenant for r in waiting} | {r.tenant for r in self._active}
         self._last_admitted = {t: n for t, n in self._last_admitted.items() if t in present}
 
     def _next_to_admit(

@@ -44,6 +44,16 @@ def test_a_single_request_is_admitted_before_another_tenants_backlog_drains(engi
     assert order == ["a0", "b0", "c0", "a1", "a2", "a3", "a4"]
 
 
+def test_a_running_tenant_keeps_its_turn_when_its_next_request_arrives_later(engine):
+    engine._waiting.append(_request("a0", "a"))
+    engine._admit()  # a0 runs; nothing else of a's waits
+    engine._waiting.extend([_request("a1", "a"), _request("b0", "b")])  # a1 came first
+    while engine._active:
+        engine._sample_step()
+    engine._admit()
+    assert [r.request_id for r in engine._active] == ["b0"]
+
+
 def test_one_tenant_keeps_fifo_order(engine):
     requests = [_request(f"r{i}", None) for i in range(4)]
     assert _admission_order(engine, requests) == ["r0", "r1", "r2", "r3"]

@@ -20,9 +20,7 @@ Overload is answered early, never by waiting without bound:
 from __future__ import annotations
 
 import base64
-import functools
 import re
-import threading
 import uuid
 from typing import Annotated, Any
 
@@ -40,19 +38,18 @@ from difffit.contract import (
     GenerateTask,
     SchedulerName,
 )
-from difffit.errors import GenerationCancelled, GenerationTimeout, InvalidRequest, NotFound, Overloaded
+from difffit.errors import InvalidRequest, NotFound, Overloaded
 from difffit.logging_setup import bind_log_context
 from difffit.settings import Settings
 from service.deps import QueueDep, RegistryDep, SettingsDep, TenantDep
 from service.errors import problem_responses
+from service.generate_wait import queue_and_wait
 from service.schemas import GenerateResponse, GenerateStatus
 
 router = APIRouter(tags=["generate"])
 
 #: Retry-After (s) of the 429s: a queue full of generate tasks drains in seconds.
 GENERATE_RETRY_AFTER_S = 5
-#: How often a waiting request checks whether its client is still connected.
-DISCONNECT_POLL_S = 0.5
 #: Largest class index accepted for the base model while its class names are unknown.
 MAX_CLASS_INDEX = 2**31 - 1
 
@@ -262,57 +259,12 @@ async def sample(
             settings.max_queued_generate,
             GENERATE_RETRY_AFTER_S,
         )
-        # Counted until the wait ends; after a 504 until the worker's own timeout could end it too.
-        await run_in_threadpool(
-            queue.admit_tenant_generate,
-            task.tenant,
-            task.request_id,
-            settings.tenant_max_queued_generates,
-            2 * settings.generate_timeout_s + 60,
-            GENERATE_RETRY_AFTER_S,
+        result = await queue_and_wait(
+            request, queue, task, settings, limiters.threads, GENERATE_RETRY_AFTER_S
         )
-        try:
-            handle = await run_in_threadpool(queue.enqueue_generate, task)
-            result = await _wait_while_connected(request, queue, handle, settings, limiters)
-        except GenerationCancelled:
-            await run_in_threadpool(queue.cancel_generate, task.request_id)
-            await run_in_threadpool(queue.release_tenant_generate, task.tenant, task.request_id)
-            raise
-        except GenerationTimeout:
-            raise  # still queued or running: it keeps counting until its entry expires
-        except BaseException:
-            await run_in_threadpool(queue.release_tenant_generate, task.tenant, task.request_id)
-            raise
-        await run_in_threadpool(queue.release_tenant_generate, task.tenant, task.request_id)
     finally:
         limiters.admission.release()
     return task, ref, idx, class_name, resolved_version, result
-
-
-async def _wait_while_connected(
-    request: Request, queue: Any, handle: Any, settings: Settings, limiters: _WaitLimiters
-) -> Any:
-    """The task's result; GenerationCancelled when the HTTP client disconnects first."""
-    gone = threading.Event()
-
-    async def watch() -> None:
-        while not await request.is_disconnected():
-            await anyio.sleep(DISCONNECT_POLL_S)
-        gone.set()
-
-    wait = functools.partial(queue.wait_generate, handle, settings.generate_timeout_s, stop=gone)
-    error: Exception | None = None
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(watch)
-        try:
-            result = await anyio.to_thread.run_sync(wait, limiter=limiters.threads)
-        except Exception as exc:  # noqa: BLE001 - raised below, not wrapped in an ExceptionGroup
-            error = exc
-        finally:
-            tg.cancel_scope.cancel()
-    if error is not None:
-        raise error
-    return result
 
 
 @router.post(

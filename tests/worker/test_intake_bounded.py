@@ -11,6 +11,7 @@ import worker.intake as intake_mod
 from core.base_model import load_base
 from core.diffusion import GaussianDiffusion
 from core.engine.engine import Engine
+from core.engine.images import to_pngs
 from core.engine.sampling import SampleRequest
 from core.engine.training import TrainingData, TrainingRun
 from difffit.contract import FinetuneRequest
@@ -53,7 +54,7 @@ def _job(rt, tmp_path, per_class=6, **request):
 
 def _base_sample_works(rt) -> None:
     request = SampleRequest("after", None, None, [1, 2], 0, 4, 2.0, "ddim", rt.latent_size(None))
-    pngs = rt.engine.submit(request).result(timeout=60)
+    pngs = to_pngs(rt.engine.submit(request).result(timeout=60))
     assert len(pngs) == 2 and all(p.startswith(b"\x89PNG") for p in pngs)
 
 

@@ -76,7 +76,7 @@ def test_a_cancelled_active_request_leaves_the_batch_next_step_and_others_are_un
     base = load_base(tiny_base)
     engine = Engine(base, slots=3, max_classes=10, max_batch_size=64).start()
     try:
-        steps = 400  # long enough that the cancel lands mid-run on a slow, shared machine
+        steps = 1000  # long enough that the cancel lands mid-run on a slow, shared machine
         keep = _request("keep", "a", n=2, steps=steps, seed=1)
         drop = _request("drop", "b", n=3, steps=steps, seed=2)
         kept, dropped = engine.submit(keep), engine.submit(drop)

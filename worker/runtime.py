@@ -167,7 +167,7 @@ class Runtime:
         )
         future = self.engine.submit(request)
         try:
-            pngs = future.result(timeout=self.settings.generate_timeout_s)
+            pngs = self.engine.wait(future, timeout=self.settings.generate_timeout_s)
         except FutureTimeout as exc:
             future.cancel()
             raise GenerationTimeout(
@@ -187,5 +187,8 @@ class Runtime:
         run_finetune_job(self, job_id)
 
     def call(self, fn):
-        """Run `fn()` on the engine thread (it owns the device) and return its result."""
-        return self.engine.call(fn).result()
+        """Run `fn()` on the engine thread (it owns the device) and return its result.
+
+        EngineDead (at once) when the engine is or goes down: never a wait forever.
+        """
+        return self.engine.wait(self.engine.call(fn))

@@ -31,16 +31,21 @@ HARD_EXIT_AFTER_S = 30.0
 def handle_engine_death(error: EngineDead, publish_down: Callable[[], None] | None) -> None:
     """Report the worker down, start a warm shutdown, exit hard if it does not end."""
     log.critical("engine dead, the worker exits with %d: %s", ENGINE_DEAD_EXIT_CODE, error.message)
-    if publish_down is not None:
-        try:
-            publish_down()
-        except Exception:  # noqa: BLE001 - exiting matters more than the report
-            log.exception("could not publish the worker's down state")
     from celery.worker import state
 
     # Read by the consumer loop: stop consuming, let running tasks end, exit with this code.
     state.should_stop = ENGINE_DEAD_EXIT_CODE
     threading.Thread(target=_exit_hard_later, args=(HARD_EXIT_AFTER_S,), daemon=True).start()
+    if publish_down is not None:
+        # Off this (the dying engine's) thread: a slow Redis must not delay failing the futures.
+        threading.Thread(target=_publish_down, args=(publish_down,), name="difffit-down", daemon=True).start()
+
+
+def _publish_down(publish_down: Callable[[], None]) -> None:
+    try:
+        publish_down()
+    except Exception:  # noqa: BLE001 - exiting matters more than the report
+        log.exception("could not publish the worker's down state")
 
 
 def _exit_hard_later(after_s: float) -> None:

@@ -43,7 +43,7 @@ def finetune(payload: dict) -> dict:
         try:
             if runtime.engine.dead is not None:
                 time.sleep(1.0)  # taken while this worker stops consuming: don't spin it through here
-                raise runtime.engine.dead
+                raise runtime.engine.death_error()
             log.info("fine-tune job started")
             runtime.finetune(task.job_id)
         except EngineDead as exc:

@@ -137,14 +137,20 @@ class Engine:
                 return future.result(timeout=max(left, 0))
             except FutureTimeout:
                 if not future.done() and not self.alive and not self._stop.is_set():
-                    raise self._dead or EngineDead("the engine thread is not running") from None
+                    raise self.death_error() from None
                 if deadline is not None and time.monotonic() >= deadline:
                     raise
+
+    def death_error(self) -> EngineDead:
+        """A fresh EngineDead to raise: one shared instance raised in many threads mixes their tracebacks."""
+        return EngineDead(
+            self._dead.message if self._dead is not None else "the engine thread is not running"
+        )
 
     def _put(self, item) -> None:
         with self._life:
             if self._dead is not None:
-                raise self._dead
+                raise self.death_error()
             self._inbox.put(item)
 
     def queue_depth(self) -> int:
@@ -194,14 +200,16 @@ class Engine:
                 kind, obj = item
                 futures.append(obj[1] if kind == "call" else obj.future)
         self._active, self._waiting, self._training = [], deque(), deque()
-        for future in futures:
-            with contextlib.suppress(InvalidStateError):  # cancelled by its waiter meanwhile
-                future.set_exception(error)
+        # The owner hears first (a worker stops taking tasks) so the waiters woken
+        # below do not hand their work back to this same process.
         for callback in callbacks:
             try:
                 callback(error)
             except Exception:  # noqa: BLE001 - one owner's failure must not skip the others
                 log.exception("an engine death callback failed")
+        for future in futures:
+            with contextlib.suppress(InvalidStateError):  # cancelled by its waiter meanwhile
+                future.set_exception(self.death_error())
 
     def _drain_inbox(self, block: bool) -> None:
         try:

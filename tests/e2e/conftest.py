@@ -175,6 +175,15 @@ class ServeStack:
     def log(self) -> str:
         return (self.root / "serve.log").read_text(errors="replace")
 
+    @property
+    def redis_url(self) -> str:
+        """The Redis `difffit serve` started (it prints the URL)."""
+        import re
+
+        match = re.search(r"Started Redis at (redis://\S+)", self.log())
+        assert match, self.log()[-3000:]
+        return match.group(1)
+
     def worker_pid(self, timeout: float = 60) -> int:
         """The pid of the celery worker `difffit serve` runs now (its child)."""
         deadline = time.monotonic() + timeout

@@ -16,6 +16,7 @@ import time
 
 import httpx
 import pytest
+import redis
 import torch
 from safetensors.torch import load as load_safetensors
 
@@ -81,14 +82,6 @@ def _adapter(c: httpx.Client, name: str) -> dict[str, torch.Tensor]:
     return load_safetensors(r.content)
 
 
-def _metric(c: httpx.Client, name: str) -> float:
-    total = 0.0
-    for line in c.get("/metrics").text.splitlines():
-        if line.startswith(name) and not line.startswith("#"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def _wait_worker_exit(st, pid: int, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while pid_alive(pid):
@@ -110,7 +103,7 @@ def test_dead_engine_fails_requests_at_once_reports_down_and_serve_brings_a_new_
     pid = st.worker_pid()
 
     # A fine-tune that has written a checkpoint, and generates sampling in the engine.
-    running = _finetune(c, st, "through-death", steps=3000)
+    running = _finetune(c, st, "through-death", steps=2000)
     _wait_for_event(c, running["id"], "checkpoint")
     answers: list[tuple[httpx.Response, float]] = []
 
@@ -121,14 +114,14 @@ def test_dead_engine_fails_requests_at_once_reports_down_and_serve_brings_a_new_
     posts = [threading.Thread(target=generate, args=(seed,)) for seed in range(6)]
     for t in posts:
         t.start()
-    # In the engine: out of Redis and sampling (6 x 1000 steps of 32 rows: well over 10 s here).
+    # All six delivered to the worker and unacknowledged (late acks: running) next to the
+    # fine-tune; their 6 x 1000 steps of 32 rows take seconds, so they are still sampling.
+    broker = redis.Redis.from_url(st.redis_url)
     deadline = time.monotonic() + 60
-    while not (
-        _metric(c, 'difffit_queue_depth{queue="generate"}') == 0
-        and _metric(c, "difffit_engine_active_requests") >= 1
-    ):
-        assert time.monotonic() < deadline and not answers, answers
-        time.sleep(0.5)
+    while not (broker.llen("generate") == 0 and broker.hlen("unacked") + len(answers) >= 7):
+        assert time.monotonic() < deadline, answers
+        time.sleep(0.05)
+    broker.close()
 
     os.kill(pid, signal.SIGUSR1)
     killed_at = time.monotonic()
@@ -145,6 +138,7 @@ def test_dead_engine_fails_requests_at_once_reports_down_and_serve_brings_a_new_
 
     for t in posts:
         t.join(60)
+    # Pending in the engine at its death: each fails within moments, none waits out a timeout.
     failed = [(r, at) for r, at in answers if r.status_code != 200]
     assert len(answers) == 6 and failed, [r.status_code for r, _ in answers]
     for r, at in failed:
@@ -170,14 +164,14 @@ def test_sigkill_mid_finetune_under_serve_resumes_to_the_uninterrupted_adapter(s
     st = serve
     c = st.client()
     st.wait_ready()
-    straight = st.wait_job(c, _finetune(c, st, "straight", steps=600, seed=11)["id"], timeout=120)
+    straight = st.wait_job(c, _finetune(c, st, "straight", steps=1000, seed=11)["id"], timeout=120)
     assert straight["state"] == "succeeded", straight
 
     pid = st.worker_pid()
-    job = _finetune(c, st, "killed", steps=600, seed=11)
+    job = _finetune(c, st, "killed", steps=1000, seed=11)
     first = _wait_for_event(c, job["id"], "checkpoint")
     os.kill(pid, signal.SIGKILL)
-    assert first["step"] == EVERY
+    assert first["step"] % EVERY == 0 and first["step"] < 1000
     _wait_worker_exit(st, pid)
     _wait_log(st, "worker exited with code -9; restarting it")
 

@@ -213,3 +213,6 @@ class WorkerStats(BaseModel):
         None, description="What an adapter file for this base must hold (checked by imports)."
     )
     resolution: int = Field(0, description="The base model's image side in pixels (0: unknown).")
+    engine_alive: bool = Field(
+        True, description="False once the worker's engine thread died (the worker is exiting)."
+    )

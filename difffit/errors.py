@@ -96,6 +96,12 @@ class BackendUnavailable(DiffFitError):
     code = "backend-unavailable"
 
 
+class EngineDead(BackendUnavailable):
+    """The worker's engine thread died: its pending work fails, the worker restarts."""
+
+    code = "engine-dead"
+
+
 class GenerationTimeout(DiffFitError):
     code = "generation-timeout"
 

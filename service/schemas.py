@@ -155,6 +155,9 @@ class Health(_Out):
 class Readiness(_Out):
     status: Literal["ready"] = "ready"
     checks: dict[str, str] = Field(default_factory=dict)
+    workers_down: list[str] = Field(
+        default_factory=list, description="Workers whose engine died (exiting, to be restarted)."
+    )
 
 
 # --- admin --------------------------------------------------------------------

@@ -88,6 +88,11 @@ _stats = None
 @worker_ready.connect
 def _load_engine_early(sender=None, **_):
     # Load the base at start-up, not on the first request, then announce the worker.
+    from worker.supervision import handle_engine_death, install_engine_kill_hook
+
+    if settings.test_hooks:
+        install_engine_kill_hook(lambda: _runtime.engine if _runtime is not None else None)
+
     def load():
         global _stats
         from worker.stats import StatsPublisher
@@ -96,14 +101,18 @@ def _load_engine_early(sender=None, **_):
         hostname = getattr(sender, "hostname", None) or "worker"
         queues = sorted(q.name for q in app.amqp.queues.consume_from.values()) if sender else []
         _stats = StatsPublisher(settings.redis_url, hostname, runtime, queues).start()
+        runtime.engine.on_death(lambda error: handle_engine_death(error, _stats.publish))
 
     threading.Thread(target=load, name="difffit-load", daemon=True).start()
 
 
 @worker_shutdown.connect
 def _stop_engine(**_):
+    dead = _runtime is not None and _runtime.engine.dead is not None
     if _stats is not None:
-        _stats.stop()
+        # A dead engine's "down" record stays until it expires or a successor replaces it,
+        # so /readyz names this worker; a clean stop just disappears.
+        _stats.stop(forget=not dead)
     if _runtime is not None:
         if _runtime.cancel_watcher is not None:
             _runtime.cancel_watcher.stop()

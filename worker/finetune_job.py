@@ -39,7 +39,7 @@ from core.engine.images import grid_png, to_pngs
 from core.engine.sampling import SampleRequest
 from core.engine.training import TrainingData, TrainingRun
 from difffit.contract import TERMINAL_JOB_STATES, FinetuneRequest
-from difffit.errors import DiffFitError, InvalidDataset, JobCancelled, JobNotFound
+from difffit.errors import DiffFitError, EngineDead, InvalidDataset, JobCancelled, JobNotFound
 from worker.class_table import to_base_classes
 from worker.datasets import ImageSet
 from worker.faults import TRAINING_ADVICE, inject_faults, job_fault
@@ -101,6 +101,10 @@ def run_finetune_job(rt, job_id: str) -> None:
     except JobCancelled:
         lifecycle.end_job(reg, rt.blobs, job_id, "cancelled", keep_checkpoint=False)
         reg.add_job_event(job_id, "cancelled", {})
+    except EngineDead:
+        # Not the job's fault: it stays `running` (its heartbeat stops) and its task
+        # goes back to the queue, to resume from its checkpoint on a live worker.
+        raise
     except JobNotFound:
         # The job's row is gone (its tenant was purged): nothing to report to.
         log.warning("job %s was deleted while it ran; stopped", job_id)

@@ -195,7 +195,7 @@ class Runtime:
     def _wait_images(self, task: GenerateTask, future: Future):
         timeout = self.settings.generate_timeout_s
         try:
-            return future.result(timeout=timeout)
+            return self.engine.wait(future, timeout=timeout)  # EngineDead if the engine goes
         except CancelledError:
             message = "the caller went away; sampling stopped"
             raise GenerationCancelled(message, task_id=task.request_id) from None
@@ -211,5 +211,8 @@ class Runtime:
         run_finetune_job(self, job_id)
 
     def call(self, fn):
-        """Run `fn()` on the engine thread (it owns the device) and return its result."""
-        return self.engine.call(fn).result()
+        """Run `fn()` on the engine thread (it owns the device) and return its result.
+
+        EngineDead (at once) when the engine is or goes down: never a wait forever.
+        """
+        return self.engine.wait(self.engine.call(fn))

@@ -16,6 +16,7 @@ import redis
 from difffit.contract import WORKER_STATS_INTERVAL_S, WORKER_STATS_KEY, AdapterSpec, WorkerStats
 
 log = logging.getLogger(__name__)
+DOWN_RECORD_TTL_S = 60
 
 
 class StatsPublisher:
@@ -58,17 +59,21 @@ class StatsPublisher:
         )
 
     def publish(self) -> None:
-        ttl = int(3 * WORKER_STATS_INTERVAL_S)
-        self.client.set(self.key, self.snapshot().model_dump_json(), ex=ttl)
+        stats = self.snapshot()
+        # A dead engine's record outlives its process a while: /readyz names the worker
+        # until a restarted one (same hostname) replaces it.
+        ttl = int(3 * WORKER_STATS_INTERVAL_S) if stats.engine_alive else DOWN_RECORD_TTL_S
+        self.client.set(self.key, stats.model_dump_json(), ex=ttl)
 
     def start(self) -> StatsPublisher:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, forget: bool = True) -> None:
         self._stop.set()
-        with contextlib.suppress(redis.RedisError):
-            self.client.delete(self.key)
+        if forget:
+            with contextlib.suppress(redis.RedisError):
+                self.client.delete(self.key)
 
     def _loop(self) -> None:
         while not self._stop.is_set():

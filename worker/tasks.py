@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from celery import shared_task
+from celery.exceptions import Reject
 
 from difffit.contract import FINETUNE_TASK, GENERATE_TASK, FinetuneTask, GenerateTask
-from difffit.errors import DiffFitError
+from difffit.errors import DiffFitError, EngineDead
 from difffit.logging_setup import log_context
 
 log = logging.getLogger(__name__)
@@ -44,15 +46,25 @@ def finetune(self, payload: dict) -> dict:
     from worker.celery_app import get_finetune_slots, get_runtime
 
     task = FinetuneTask.model_validate(payload)
-    slots = get_finetune_slots()
-    if not slots.try_acquire():
-        log.info("fine-tune cap (%d) taken; job %s requeued", slots.cap, task.job_id)
-        raise self.retry(countdown=FINETUNE_REQUEUE_S)
-    try:
-        with log_context(job_id=task.job_id):
+    with log_context(job_id=task.job_id):
+        runtime = get_runtime()
+        slots = get_finetune_slots() if runtime.engine.dead is None else None
+        if slots is not None and not slots.try_acquire():
+            log.info("fine-tune cap (%d) taken; job %s requeued", slots.cap, task.job_id)
+            raise self.retry(countdown=FINETUNE_REQUEUE_S)
+        try:
+            if runtime.engine.dead is not None:
+                time.sleep(1.0)  # taken while this worker stops consuming: don't spin it through here
+                raise runtime.engine.death_error()
             log.info("fine-tune job started")
-            get_runtime().finetune(task.job_id)
-            log.info("fine-tune job ended")
-    finally:
-        slots.release()
+            runtime.finetune(task.job_id)
+        except EngineDead as exc:
+            # Back to the queue, unacknowledged work for the next live worker; this
+            # process is shutting down and takes nothing new (worker.celery_app).
+            log.warning("engine dead; fine-tune job %s goes back to the queue: %s", task.job_id, exc)
+            raise Reject(str(exc), requeue=True) from exc
+        finally:
+            if slots is not None:
+                slots.release()
+        log.info("fine-tune job ended")
     return {"ok": True, "job_id": task.job_id}

@@ -11,17 +11,25 @@ wait on futures. Each loop iteration:
 4. one micro-batch of a training run's optimizer step, if any (sampling goes
    first; a step split into micro-batches lets sampling steps run between them).
 
+If anything escapes the loop (a bug, a device error), the engine is dead:
+every pending future fails at once with :class:`EngineDead`, later submits
+fail immediately, and the death callbacks run (the worker reports itself
+down and exits so its supervisor restarts it).
+
 Nothing here knows about HTTP, Celery or the registry.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from collections.abc import Callable
+from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import torch
 
@@ -29,7 +37,7 @@ from core.adapter.model import DiffFitDiT
 from core.base_model import BaseModel
 from core.engine.bank import SlotBank
 from core.engine.sampling import SampleRequest, denoise_step
-from difffit.errors import DiffFitError
+from difffit.errors import DiffFitError, EngineDead
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +67,11 @@ class Engine:
         self._active: list[SampleRequest] = []
         self._training: deque = deque()
         self._stop = threading.Event()
+        # Guards the inbox against a submit racing the death sweep (it would hang forever).
+        self._life = threading.Lock()
+        self._dead: EngineDead | None = None
+        self._death_callbacks: list[Callable[[EngineDead], None]] = []
+        self._fault: str | None = None  # set by inject_fault (test hook)
         self._thread = threading.Thread(target=self._loop, name="difffit-engine", daemon=True)
         self.steps_run = 0
         self.last_batch_rows = 0
@@ -79,31 +92,86 @@ class Engine:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread.is_alive() and self._dead is None
+
+    @property
+    def dead(self) -> EngineDead | None:
+        """The error pending and later work fails with, once the loop died; else None."""
+        return self._dead
+
+    def on_death(self, callback: Callable[[EngineDead], None]) -> None:
+        """Run `callback(error)` once if the loop dies (at once if it already has)."""
+        with self._life:
+            if self._dead is None:
+                self._death_callbacks.append(callback)
+                return
+        callback(self._dead)
+
+    def inject_fault(self, reason: str = "fault injected by the test hook") -> None:
+        """Make the loop raise at its next iteration (tests of the supervision only)."""
+        self._fault = reason
 
     def submit(self, request: SampleRequest) -> Future:
         """Queue a sampling request; its future resolves to float CPU images [n, C, H, W]."""
-        self._inbox.put(("sample", request))
+        self._put(("sample", request))
         return request.future
 
     def submit_training(self, run) -> Future:
         """Queue a training run (see core.engine.training); resolves when it ends."""
-        self._inbox.put(("train", run))
+        self._put(("train", run))
         return run.future
 
     def call(self, fn) -> Future:
         """Run `fn()` on the engine thread between steps (device work from other threads)."""
         future: Future = Future()
-        self._inbox.put(("call", (fn, future)))
+        self._put(("call", (fn, future)))
         return future
+
+    def wait(self, future: Future, timeout: float | None = None):
+        """`future.result(timeout)`, but EngineDead as soon as the engine is gone.
+
+        Death fails every pending future itself; this also covers a thread that
+        ended without passing through that sweep.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+            try:
+                return future.result(timeout=max(left, 0))
+            except FutureTimeout:
+                if not future.done() and not self.alive and not self._stop.is_set():
+                    raise self.death_error() from None
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+
+    def death_error(self) -> EngineDead:
+        """A fresh EngineDead to raise: one shared instance raised in many threads mixes their tracebacks."""
+        return EngineDead(
+            self._dead.message if self._dead is not None else "the engine thread is not running"
+        )
+
+    def _put(self, item) -> None:
+        with self._life:
+            if self._dead is not None:
+                raise self.death_error()
+            self._inbox.put(item)
 
     def queue_depth(self) -> int:
         return self._inbox.qsize() + len(self._waiting)
 
     # -- engine thread --------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # noqa: BLE001 - whatever it is, the engine is gone
+            log.critical("the engine thread died", exc_info=True)
+            self._die(exc)
+
+    def _run(self) -> None:
         torch.set_grad_enabled(False)
         while not self._stop.is_set():
+            if self._fault is not None:
+                raise RuntimeError(self._fault)
             idle = not (self._active or self._waiting or self._training)
             self._drain_inbox(block=idle)
             self._admit()
@@ -117,6 +185,34 @@ class Engine:
                 self._train_s = 0.99 * self._train_s + (time.perf_counter() - started)
         for r in [*self._active, *self._waiting]:
             r.future.set_exception(DiffFitError("the worker is shutting down"))
+
+    def _die(self, exc: BaseException) -> None:
+        """Fail everything pending with EngineDead, refuse what comes later, tell the owner."""
+        error = EngineDead(f"the worker's engine died ({type(exc).__name__}: {exc}); the worker restarts")
+        with self._life:
+            self._dead = error
+            callbacks, self._death_callbacks = self._death_callbacks, []
+        futures = [r.future for r in (*self._active, *self._waiting)]
+        futures += [run.future for run in self._training]
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                kind, obj = item
+                futures.append(obj[1] if kind == "call" else obj.future)
+        self._active, self._waiting, self._training = [], deque(), deque()
+        # The owner hears first (a worker stops taking tasks) so the waiters woken
+        # below do not hand their work back to this same process.
+        for callback in callbacks:
+            try:
+                callback(error)
+            except Exception:  # noqa: BLE001 - one owner's failure must not skip the others
+                log.exception("an engine death callback failed")
+        for future in futures:
+            with contextlib.suppress(InvalidStateError):  # cancelled by its waiter meanwhile
+                future.set_exception(self.death_error())
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -271,4 +367,5 @@ class Engine:
             "training_runs": len(self._training),
             "steps_run": self.steps_run,
             "last_batch_rows": self.last_batch_rows,
+            "engine_alive": self._dead is None,
         }

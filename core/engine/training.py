@@ -293,13 +293,19 @@ class TrainingRun:
         return {k: v.detach().cpu().clone() for k, v in source.items()}
 
     def state_dict(self) -> dict:
-        """Everything needed to resume: adapter, EMA, optimizer, RNG, progress."""
+        """Everything needed to resume bit-identically, as a deep copy on the CPU.
+
+        Taken on the engine thread at a step boundary; the task thread serialises it
+        later while the engine keeps stepping, so nothing here may alias live state
+        (the optimizer's own state_dict keeps references to its exp_avg tensors).
+        """
         return {
             "params": {k: v.detach().cpu().clone() for k, v in self.params.items()},
-            "ema": None if self.ema is None else {k: v.cpu().clone() for k, v in self.ema.items()},
-            "optimizer": self.optimizer.state_dict(),
-            "generator": self.generator.get_state(),
+            "ema": None if self.ema is None else {k: v.detach().cpu().clone() for k, v in self.ema.items()},
+            "optimizer": _deep_cpu(self.optimizer.state_dict()),
+            "generator": self.generator.get_state().clone(),
             "step": self.progress.step,
+            "loss": self.progress.loss,
             "losses": list(self.progress.losses),
         }
 
@@ -310,7 +316,21 @@ class TrainingRun:
             if self.ema is not None and state.get("ema"):
                 for k, v in state["ema"].items():
                     self.ema[k].copy_(v.to(self.device))
-        self.optimizer.load_state_dict(state["optimizer"])
+        # load_state_dict casts the moments to each param's device and dtype (the
+        # "step" counters stay as saved); our copy keeps the caller's dict intact.
+        self.optimizer.load_state_dict(_deep_cpu(state["optimizer"]))
         self.generator.set_state(state["generator"])
         self.progress.step = int(state["step"])
         self.progress.losses = list(state.get("losses", []))
+        self.progress.loss = state.get("loss", self.progress.losses[-1] if self.progress.losses else None)
+
+
+def _deep_cpu(obj):
+    """A copy of nested dicts / lists / tensors with every tensor cloned to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: _deep_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_deep_cpu(v) for v in obj)
+    return obj

@@ -22,9 +22,13 @@ async def healthz() -> Health:
     return Health()
 
 
-def _workers_probe(queue: Any) -> Callable[[], None]:
+def _workers_probe(queue: Any, down: list[str]) -> Callable[[], None]:
     def probe() -> None:
-        if not queue.live_workers():
+        workers = queue.live_workers()
+        # A worker whose engine died says so until it exits and its record expires
+        # or a restarted one replaces it: named, and not counted as live.
+        down.extend(w.hostname for w in workers if not w.engine_alive)
+        if not any(w.engine_alive for w in workers):
             raise BackendUnavailable("No live worker.")
 
     return probe
@@ -36,18 +40,20 @@ def _workers_probe(queue: Any) -> Callable[[], None]:
     summary="The registry, the blob store, Redis and at least one worker answer",
     description="Checks, in order: `registry` (SELECT 1), `blobs` (the blob folder is writable / "
     "the S3 bucket answers HEAD), `redis` (PING) and `workers` (at least one live worker stats "
-    "key in Redis). 503 problem with `checks` naming each one `ok`, `down` or, for workers "
-    "while Redis is down, `unknown`.",
+    "key in Redis whose engine is alive). 503 problem with `checks` naming each one `ok`, `down` "
+    "or, for workers while Redis is down, `unknown`. `workers_down` names the workers that "
+    "reported their engine dead (they exit and are restarted); 503 only when no worker is live.",
     responses=problem_responses(503),
 )
 async def readyz(registry: RegistryDep, blobs: BlobStoreDep, queue: QueueDep) -> Readiness:
     checks: dict[str, str] = {}
     failed: list[str] = []
+    down: list[str] = []
     for name, probe in (
         ("registry", registry.ping),
         ("blobs", blobs.ping),
         ("redis", queue.ping),
-        ("workers", _workers_probe(queue)),
+        ("workers", _workers_probe(queue, down)),
     ):
         if name == "workers" and checks.get("redis") != "ok":
             checks[name] = "unknown"  # read from Redis: nothing to say while it is down
@@ -61,11 +67,11 @@ async def readyz(registry: RegistryDep, blobs: BlobStoreDep, queue: QueueDep) ->
             failed.append(name)
     if failed:
         err = BackendUnavailable(f"Not ready: {', '.join(f'{n} {checks[n]}' for n in failed)}.")
-        err.problem_extra = {"checks": checks, "failed": failed}  # type: ignore[attr-defined]
+        err.problem_extra = {"checks": checks, "failed": failed, "workers_down": down}  # type: ignore[attr-defined]
         # Probes poll this while the service starts: an answer, not a fault.
         err.log_level = logging.INFO  # type: ignore[attr-defined]
         raise err
-    return Readiness(checks=checks)
+    return Readiness(checks=checks, workers_down=down)
 
 
 @router.get(

@@ -29,6 +29,9 @@ from launch.embedded import api_command, child_env, free_port, start_redis, stop
 from tests.pg import pg_reachable, throwaway_database
 
 REPO = Path(__file__).resolve().parents[2]
+# Every stack process on one thread: on a loaded 2-core machine, torch's default
+# pool in each of them (worker, API, CLI) oversubscribes the cores many times over.
+QUIET_THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 @dataclass
@@ -117,6 +120,7 @@ def _running_stack(root: Path, database_url: str | None, **extra_env: str) -> It
     # A dict literal, so extra_env may also override these defaults (e.g. the generate timeout).
     env.update(
         {
+            **QUIET_THREADS,
             "DIFFFIT_BASE_MODEL": str(base),
             "DIFFFIT_ALLOW_PRIVATE_URLS": "true",
             "DIFFFIT_CHECKPOINT_EVERY": "10",
@@ -133,10 +137,10 @@ def _running_stack(root: Path, database_url: str | None, **extra_env: str) -> It
         st.procs["api"] = subprocess.Popen(
             api_command(settings), env=env, stdout=api_log, stderr=subprocess.STDOUT, cwd=REPO
         )
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
-                if httpx.get(f"{st.api}/healthz", timeout=1).status_code == 200:
+                if httpx.get(f"{st.api}/healthz", timeout=5).status_code == 200:
                     break
             except httpx.HTTPError:
                 time.sleep(0.3)
@@ -153,3 +157,132 @@ def _running_stack(root: Path, database_url: str | None, **extra_env: str) -> It
 def stack(tmp_path_factory) -> Iterator[Stack]:
     with running_stack(tmp_path_factory.mktemp("stack")) as st:
         yield st
+
+
+@dataclass
+class ServeStack:
+    """`difffit serve` as a real subprocess: its own Redis, one worker it supervises, the API."""
+
+    root: Path
+    proc: subprocess.Popen
+    api: str
+    key: str
+    files_url: str
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.api, headers={"Authorization": f"Bearer {self.key}"}, timeout=120)
+
+    def log(self) -> str:
+        return (self.root / "serve.log").read_text(errors="replace")
+
+    @property
+    def redis_url(self) -> str:
+        """The Redis `difffit serve` started (it prints the URL)."""
+        import re
+
+        match = re.search(r"Started Redis at (redis://\S+)", self.log())
+        assert match, self.log()[-3000:]
+        return match.group(1)
+
+    def worker_pid(self, timeout: float = 60) -> int:
+        """The pid of the celery worker `difffit serve` runs now (its child)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for pid in _children(self.proc.pid):
+                if b"celery" in _cmdline(pid) and b"worker" in _cmdline(pid):
+                    return pid
+            time.sleep(0.2)
+        raise AssertionError(f"no worker under difffit serve after {timeout}s; see {self.root}/serve.log")
+
+    def wait_ready(self, timeout: float = 120) -> dict:
+        """Poll /readyz until it is 200 (a worker published live stats)."""
+        deadline = time.monotonic() + timeout
+        body: object = None
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"difffit serve exited: {self.log()[-3000:]}"
+            try:
+                r = httpx.get(f"{self.api}/readyz", timeout=5)
+                body = r.json()
+                if r.status_code == 200:
+                    return body
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"/readyz not 200 after {timeout}s: {body}; see {self.root}/serve.log")
+
+    def wait_job(self, client: httpx.Client, job_id: str, timeout: float = 240) -> dict:
+        deadline = time.monotonic() + timeout
+        job: dict = {}
+        while time.monotonic() < deadline:
+            job = client.get(f"/jobs/{job_id}").json()
+            if job["state"] in ("succeeded", "failed", "cancelled"):
+                return job
+            time.sleep(0.5)
+        raise AssertionError(f"job {job_id} not finished after {timeout}s: {job}; logs in {self.root}")
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def pid_alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@contextlib.contextmanager
+def running_serve(root: Path, **extra_env: str) -> Iterator[ServeStack]:
+    """`python -m launch.cli serve` on the tiny base with SQLite and its own Redis; stopped on exit."""
+    base = make_tiny_base(root / "base")
+    files = root / "files"
+    files.mkdir()
+    server, files_url = serve_folder(files)
+    api_port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DIFFFIT_")}
+    env.update(
+        {
+            **QUIET_THREADS,
+            "PYTHONPATH": str(REPO),
+            "PYTHONUNBUFFERED": "1",
+            "DIFFFIT_DATA_DIR": str(root / "data"),
+            "DIFFFIT_BASE_MODEL": str(base),
+            "DIFFFIT_API_PORT": str(api_port),
+            "DIFFFIT_ALLOW_PRIVATE_URLS": "true",
+            "DIFFFIT_ENGINE_THREADS": "4",
+            "DIFFFIT_GENERATE_TIMEOUT_S": "120",
+            "DIFFFIT_LOG_JSON": "false",
+            **extra_env,
+        }
+    )
+    log = open(root / "serve.log", "ab")  # noqa: SIM115 - kept open for the child
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launch.cli", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO
+    )
+    try:
+        key_file = root / "data" / "api-key.txt"
+        deadline = time.monotonic() + 120
+        while not key_file.exists() or not key_file.read_text().strip():
+            assert proc.poll() is None and time.monotonic() < deadline, (root / "serve.log").read_text()
+            time.sleep(0.2)
+        st = ServeStack(root, proc, f"http://127.0.0.1:{api_port}", key_file.read_text().strip(), files_url)
+        st.wait_ready()
+        yield st
+    finally:
+        stop_process(proc, timeout_s=60)
+        log.close()
+        server.shutdown()

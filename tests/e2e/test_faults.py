@@ -1,7 +1,9 @@
 """Faults on a real stack: a worker restart loses nothing, a corrupt blob fails loudly.
 
-Both run on one stack whose generate timeout is short (5 s), so requests
+Both run on one stack whose generate timeout is short (10 s), so requests
 that no worker serves come back as 504s with a task id instead of hanging.
+Every other wait is a poll with a deadline of minutes: a loaded machine is
+slow, not wrong.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from .conftest import class_folder_zip, running_stack
 
 pytestmark = pytest.mark.e2e
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-GENERATE_TIMEOUT_S = 5
+GENERATE_TIMEOUT_S = 10
+SLOW_S = 180  # deadline of every wait for work a (possibly loaded) worker does
 
 
 @pytest.fixture(scope="module")
@@ -47,17 +50,22 @@ def _poll_png(client, task_id: str, timeout: float) -> bytes:
         if status["state"] == "succeeded":
             (png,) = [base64.b64decode(s) for s in status["images"]]
             return png
-        time.sleep(0.2)
+        time.sleep(0.5)
     raise AssertionError(f"generate request {task_id} not answered after {timeout} s")
 
 
-def _base_png(client, seed: int, timeout: float = 60) -> bytes:
-    """A base-model image; a 504 (worker still starting) is polled until it arrives."""
-    r = client.post("/generate", params={"class": 1, "steps": 4, "seed": seed})
+def _png(client, params: dict, timeout: float = SLOW_S) -> bytes:
+    """An image; a 504 (worker starting or busy) is polled until it arrives."""
+    r = client.post("/generate", params=params)
     if r.status_code == 504:
         return _poll_png(client, r.json()["task_id"], timeout)
     assert r.status_code == 200, r.text
     return r.content
+
+
+def _base_png(client, seed: int, timeout: float = SLOW_S) -> bytes:
+    """A base-model image (class 1, 4 steps)."""
+    return _png(client, {"class": 1, "steps": 4, "seed": seed}, timeout)
 
 
 def test_worker_restart_loses_no_accepted_request(fault_stack):
@@ -89,10 +97,10 @@ def test_worker_restart_loses_no_accepted_request(fault_stack):
 
     # A new worker picks up everything that waited in Redis.
     st.start_worker("w2")
-    done = st.wait_job(c, job["id"], timeout=60)
+    done = st.wait_job(c, job["id"], timeout=SLOW_S)
     assert done["state"] == "succeeded", done
     for t in task_ids:
-        png = _poll_png(c, t, timeout=30)
+        png = _poll_png(c, t, timeout=SLOW_S)
         assert png.startswith(PNG_MAGIC) and Image.open(io.BytesIO(png)).size == (8, 8)
     # The late answer is the same image a direct request gets (seed 11, class 1, 4 steps).
     assert _poll_png(c, task_ids[0], timeout=5) == _base_png(c, seed=11)
@@ -101,7 +109,7 @@ def test_worker_restart_loses_no_accepted_request(fault_stack):
 def test_corrupt_blob_fails_the_request_and_keeps_the_registry(fault_stack):
     st = fault_stack
     c = st.client(st.cli("tenant", "create", "corrupt"))
-    job = st.wait_job(c, _finetune(c, st, "fragile")["id"], timeout=60)
+    job = st.wait_job(c, _finetune(c, st, "fragile")["id"], timeout=SLOW_S)
     assert job["state"] == "succeeded", job
     before = c.get("/adapters/fragile").json()
     (version,) = before["versions"]
@@ -125,5 +133,4 @@ def test_corrupt_blob_fails_the_request_and_keeps_the_registry(fault_stack):
     assert c.get("/adapters/fragile").json() == before
     _base_png(c, seed=3)
     path.write_bytes(original)
-    r = c.post("/generate", params={"adapter": "fragile", "class": "a", "steps": 4})
-    assert r.status_code == 200 and r.content.startswith(PNG_MAGIC), r.text
+    assert _png(c, {"adapter": "fragile", "class": "a", "steps": 4}).startswith(PNG_MAGIC)

@@ -37,7 +37,7 @@ from launch.embedded import api_command, child_env, free_port, start_redis, stop
 from tests.pg import pg_reachable, throwaway_database
 from tests.s3 import bucket_keys, new_bucket
 
-from .conftest import class_folder_zip
+from .conftest import QUIET_THREADS, class_folder_zip
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -130,6 +130,7 @@ def two_hosts(root: Path, endpoint: str) -> Iterator[Hosts]:
                 env = child_env(settings, redis_url)
                 env.update(
                     {
+                        **QUIET_THREADS,
                         "DIFFFIT_BASE_MODEL": str(folder / "base"),
                         "DIFFFIT_ALLOW_PRIVATE_URLS": "true",
                         "DIFFFIT_GENERATE_TIMEOUT_S": "120",

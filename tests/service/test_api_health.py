@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 
+from difffit.errors import EngineDead
 from service.deps import get_queue
 from service.main import create_app
+
+from .conftest import worker_stats
 
 
 def test_healthz(client):
@@ -28,6 +31,7 @@ def test_readyz_ok(client):
     assert resp.json() == {
         "status": "ready",
         "checks": {"registry": "ok", "blobs": "ok", "redis": "ok", "workers": "ok"},
+        "workers_down": [],
     }
 
 
@@ -44,6 +48,30 @@ def test_readyz_503_without_a_live_worker(client, fake_queue, assert_problem):
     body = assert_problem(client.get("/readyz"), 503, "backend-unavailable")
     assert body["checks"] == {"registry": "ok", "blobs": "ok", "redis": "ok", "workers": "down"}
     assert body["failed"] == ["workers"]
+
+
+def test_readyz_503_naming_the_worker_whose_engine_died(client, fake_queue, assert_problem):
+    fake_queue.workers = [worker_stats("w1@host", engine_alive=False)]
+    body = assert_problem(client.get("/readyz"), 503, "backend-unavailable")
+    assert body["checks"]["workers"] == "down" and body["failed"] == ["workers"]
+    assert body["workers_down"] == ["w1@host"]
+
+
+def test_readyz_names_a_dead_worker_but_stays_ready_while_another_serves(client, fake_queue):
+    fake_queue.workers = [worker_stats("w1@host", engine_alive=False), worker_stats("w2@host")]
+    resp = client.get("/readyz")
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["checks"]["workers"] == "ok" and resp.json()["workers_down"] == ["w1@host"]
+
+
+def test_an_engine_dead_generate_is_a_503_with_retry_after(client, fake_queue, acme, assert_problem):
+    def die(task):
+        raise EngineDead("the worker's engine died (RuntimeError: boom); the worker restarts")
+
+    fake_queue.on_generate = die
+    resp = client.post("/generate?class=0", headers=acme.headers)
+    body = assert_problem(resp, 503, "engine-dead")
+    assert resp.headers["Retry-After"] and "restarting" in body["detail"]
 
 
 def test_not_ready_is_logged_as_info_but_a_backend_fault_elsewhere_as_error(

@@ -27,10 +27,13 @@ def test_backend_gauges_from_the_fake_queue_and_registry(client, acme, fake_queu
     fake_queue.depths = {"generate": 3, "finetune": 1}
     fake_queue.workers = [
         worker_stats("w1", hits=5, misses=2, evictions=1, active_requests=4, last_batch_rows=8, slots=16),
-        worker_stats("w2", hits=1, misses=1, active_requests=0, last_batch_rows=2, slots=16),
+        worker_stats(
+            "w2", hits=1, misses=1, active_requests=0, last_batch_rows=2, slots=16, engine_alive=False
+        ),
     ]
     registry.create_job(acme.record.id, "fungi", request={}, total_steps=5)
     text = client.get("/metrics").text
+    assert _value(text, "difffit_workers_engine_dead") == 1
     assert _value(text, "difffit_redis_up") == 1
     assert _value(text, "difffit_registry_up") == 1
     assert _value(text, "difffit_queue_depth", '{queue="generate"}') == 3

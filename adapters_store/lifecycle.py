@@ -107,18 +107,28 @@ def replace_checkpoint(
 
 
 def end_job(
-    registry: Registry, store: BlobStore, job_id: str, state: str, *, keep_checkpoint: bool, **fields: Any
+    registry: Registry,
+    store: BlobStore,
+    job_id: str,
+    state: str,
+    *,
+    keep_checkpoint: bool,
+    event: dict[str, Any] | None = None,
+    **fields: Any,
 ) -> JobRecord:
     """Move a job to the terminal `state` and free its checkpoint unless `keep_checkpoint`.
 
     The reference is cleared in the same write that ends the job, so a
-    finished job never points at a deleted blob.
+    finished job never points at a deleted blob; an `event` (its data; the
+    kind is `state`) is recorded in that write too.
     """
     checkpoint = registry.get_job_unscoped(job_id).checkpoint_sha256
     if not keep_checkpoint:
         fields.update(checkpoint_sha256=None, checkpoint_step=None)
     fields.setdefault("finished_at", datetime.now(UTC))
-    record = registry.update_job(job_id, state=state, **fields)
+    record = registry.update_job(
+        job_id, state=state, event=None if event is None else (state, event), **fields
+    )
     if checkpoint and not keep_checkpoint:
         # Still referenced (e.g. the job was already terminal)? Then release keeps it.
         release(registry, store, [checkpoint])

@@ -168,8 +168,14 @@ class JobOps:
 
         return self._db.read(fn)
 
-    def update_job(self, job_id: str, **fields: Any) -> JobRecord:
+    def update_job(
+        self, job_id: str, *, event: tuple[str, dict[str, Any]] | None = None, **fields: Any
+    ) -> JobRecord:
         """Update a job's progress or outcome and return the new record.
+
+        `event` (kind, data) is appended in the same transaction when the update
+        applies: a reader that sees the terminal state also sees its event (the
+        event stream ends at the first read of a terminal state).
 
         Only the fields in UPDATABLE_JOB_FIELDS are accepted. A job in a
         terminal state is never changed (the unchanged record is returned),
@@ -194,6 +200,10 @@ class JobOps:
             _check_state(fields["state"])
 
         adds_reference = fields.get("checkpoint_sha256") is not None
+        if event is not None:
+            if not event[0]:
+                raise InvalidRequest("event kind must be a non-empty string")
+            event_data = _normalise_json(event[1], f"data of job event {event[0]!r}")
 
         def fn(s: Session) -> JobRecord:
             if adds_reference:
@@ -212,6 +222,8 @@ class JobOps:
             row.updated_at = now
             if new_state in TERMINAL_JOB_STATES:
                 enqueue_terminal_webhook(s, row)
+            if event is not None:
+                s.add(JobEventRow(job_id=job_id, kind=event[0], data=event_data, created_at=now))
             s.flush()
             return job_record(row)
 

@@ -99,8 +99,7 @@ def run_finetune_job(rt, job_id: str) -> None:
     try:
         _train_and_register(rt, job_id, job)
     except JobCancelled:
-        lifecycle.end_job(reg, rt.blobs, job_id, "cancelled", keep_checkpoint=False)
-        reg.add_job_event(job_id, "cancelled", {})
+        lifecycle.end_job(reg, rt.blobs, job_id, "cancelled", keep_checkpoint=False, event={})
     except EngineDead:
         # Not the job's fault: it stays `running` (its heartbeat stops) and its task
         # goes back to the queue, to resume from its checkpoint on a live worker.
@@ -145,9 +144,15 @@ def _fail(rt, job_id: str, code: str, message: str) -> None:
     # The last checkpoint stays for the retention time (0: freed now).
     keep = rt.settings.checkpoint_retention_s > 0
     lifecycle.end_job(
-        rt.registry, rt.blobs, job_id, "failed", keep_checkpoint=keep, error_code=code, error_message=message
+        rt.registry,
+        rt.blobs,
+        job_id,
+        "failed",
+        keep_checkpoint=keep,
+        event={"code": code, "message": message},
+        error_code=code,
+        error_message=message,
     )
-    rt.registry.add_job_event(job_id, "failed", {"code": code, "message": message})
 
 
 def _train_and_register(rt, job_id: str, job) -> None:
@@ -271,8 +276,8 @@ def _train_and_register(rt, job_id: str, job) -> None:
         loss=run.progress.loss,
         eta_s=0.0,
         adapter_version=version.version,
+        event={"adapter": job.adapter_name, "version": version.version},
     )
-    reg.add_job_event(job_id, "succeeded", {"adapter": job.adapter_name, "version": version.version})
 
 
 def _intake(rt, job, request: FinetuneRequest, resolution: int) -> EncodedSet:

@@ -158,6 +158,30 @@ def test_checkpoints_are_replaced_then_freed_when_the_job_ends(
     assert everything_in(blob_store) == sorted(_names(blob_store, kept))
 
 
+def test_the_terminal_event_is_written_with_the_terminal_state(
+    registry: Registry, blob_store: BlobStore
+) -> None:
+    # The job event stream ends at its first read of a terminal state, so that read
+    # must already find the terminal event: both are one write.
+    t = registry.create_tenant("acme").id
+    job, _ = registry.create_job(t, "fungi", {"n": 1}, 10)
+    registry.update_job(job.id, state="running")
+    ended = lifecycle.end_job(
+        registry,
+        blob_store,
+        job.id,
+        "succeeded",
+        keep_checkpoint=False,
+        event={"adapter": "fungi", "version": 1},
+    )
+    assert ended.state == "succeeded"
+    events = registry.job_events(job.id)
+    assert [(e.kind, e.data) for e in events] == [("succeeded", {"adapter": "fungi", "version": 1})]
+    # A job already ended is not changed, and gets no second terminal event.
+    lifecycle.end_job(registry, blob_store, job.id, "failed", keep_checkpoint=False, event={"code": "x"})
+    assert [e.kind for e in registry.job_events(job.id)] == ["succeeded"]
+
+
 def test_ensure_stored_restores_a_blob_deleted_before_its_reference_committed(
     registry: Registry, blob_store: BlobStore, vkw: Any
 ) -> None:

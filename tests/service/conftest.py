@@ -65,6 +65,17 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stop_process(proc, timeout_s=5)
 
 
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[Any]:
+    """A client of the module's redis-server, emptied first."""
+    import redis
+
+    r = redis.Redis.from_url(redis_url)
+    r.flushdb()
+    yield r
+    r.close()
+
+
 def publish_worker(redis_client: Any, stats: WorkerStats | None = None, ttl_s: int = 60) -> WorkerStats:
     """Write a worker's stats key the way a live worker does."""
     stats = stats or worker_stats()

@@ -12,7 +12,6 @@ import threading
 import time
 
 import pytest
-import redis
 from fastapi.testclient import TestClient
 
 from difffit import contract
@@ -22,14 +21,6 @@ from service.routes.generate import _WaitLimiters
 from .conftest import BASE_CLASSES
 
 BODY = {"dataset_url": "https://data.example/fungi.zip", "adapter": "fungi", "steps": 20}
-
-
-@pytest.fixture
-def redis_client(redis_url):
-    r = redis.Redis.from_url(redis_url)
-    r.flushdb()
-    yield r
-    r.close()
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import time
 
 import httpx
 import pytest
-import redis
 import uvicorn
 
 from difffit import contract
@@ -23,14 +22,6 @@ from worker.cancellation import redis_source
 
 DEADLINE_S = 30.0
 BODY = {"dataset_url": "https://data.example/fungi.zip", "adapter": "fungi", "steps": 20}
-
-
-@pytest.fixture
-def redis_client(redis_url):
-    r = redis.Redis.from_url(redis_url)
-    r.flushdb()
-    yield r
-    r.close()
 
 
 @pytest.fixture

@@ -10,20 +10,8 @@ from celery.exceptions import Reject
 from celery.worker import state
 
 from difffit.errors import EngineDead
-from difffit.settings import Settings
 from tests.e2e.conftest import class_folder_zip
 from worker import supervision
-from worker.runtime import Runtime
-
-
-@pytest.fixture
-def runtime(tiny_base, tmp_path):
-    settings = Settings(
-        data_dir=tmp_path, base_model=tiny_base, adapter_slots=3, max_classes=10, allow_file_urls=True
-    )
-    rt = Runtime(settings)
-    yield rt
-    rt.engine.stop()
 
 
 def _job(rt, tmp_path, steps: int):

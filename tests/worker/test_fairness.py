@@ -12,20 +12,11 @@ from celery.exceptions import Retry
 import worker.celery_app as celery_app
 from difffit.contract import GenerateTask
 from difffit.errors import GenerationCancelled
-from difffit.settings import Settings
 from worker import tasks
 from worker.cancellation import CancelWatcher
 from worker.finetune_slots import FinetuneSlots, effective_cap
-from worker.runtime import Runtime
 
 DEADLINE_S = 60.0
-
-
-@pytest.fixture
-def runtime(tiny_base, tmp_path):
-    rt = Runtime(Settings(data_dir=tmp_path, base_model=tiny_base, adapter_slots=3, max_classes=10))
-    yield rt
-    rt.engine.stop()
 
 
 def test_effective_cap_leaves_a_thread_for_generates():

@@ -15,19 +15,7 @@ from core.diffusion import GaussianDiffusion
 from core.engine.training import TrainingData, TrainingRun
 from difffit.contract import FinetuneRequest
 from difffit.errors import AdapterNotFound
-from difffit.settings import Settings
 from tests.e2e.conftest import class_folder_zip
-from worker.runtime import Runtime
-
-
-@pytest.fixture
-def runtime(tiny_base, tmp_path):
-    settings = Settings(
-        data_dir=tmp_path, base_model=tiny_base, adapter_slots=3, max_classes=10, allow_file_urls=True
-    )
-    rt = Runtime(settings)
-    yield rt
-    rt.engine.stop()
 
 
 def _job(rt, tmp_path, **request):

@@ -9,16 +9,8 @@ import pytest
 from core.adapter.file import adapter_metadata, save_adapter
 from difffit.contract import AdapterRef, GenerateTask, Placement
 from difffit.errors import AdapterNotFound, CorruptBlob, InvalidRequest
-from difffit.settings import Settings
 from tests.conftest import random_adapter
 from worker.runtime import Runtime
-
-
-@pytest.fixture
-def runtime(tiny_base, tmp_path):
-    rt = Runtime(Settings(data_dir=tmp_path, base_model=tiny_base, adapter_slots=3, max_classes=10))
-    yield rt
-    rt.engine.stop()
 
 
 def _register(rt: Runtime, tenant_id: int, name: str, seed: int):

@@ -62,13 +62,19 @@ class Stack:
         return proc
 
     def wait_job(self, client: httpx.Client, job_id: str, timeout: float = 240) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            job = client.get(f"/jobs/{job_id}").json()
-            if job["state"] in ("succeeded", "failed", "cancelled"):
-                return job
-            time.sleep(0.5)
-        raise AssertionError(f"job {job_id} not finished after {timeout}s: {job}; logs in {self.root}")
+        return wait_job(client, job_id, timeout, logs=self.root)
+
+
+def wait_job(client: httpx.Client, job_id: str, timeout: float = 240, logs: Path | None = None) -> dict:
+    """Poll a job every 0.5 s until it is terminal; AssertionError (naming the logs) at the deadline."""
+    deadline = time.monotonic() + timeout
+    job: dict = {}
+    while time.monotonic() < deadline:
+        job = client.get(f"/jobs/{job_id}").json()
+        if job["state"] in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} not finished after {timeout}s: {job}; logs in {logs}")
 
 
 def class_folder_zip(path: Path, classes: list[str], per_class: int, seed: int = 0) -> Path:
@@ -211,14 +217,7 @@ class ServeStack:
         raise AssertionError(f"/readyz not 200 after {timeout}s: {body}; see {self.root}/serve.log")
 
     def wait_job(self, client: httpx.Client, job_id: str, timeout: float = 240) -> dict:
-        deadline = time.monotonic() + timeout
-        job: dict = {}
-        while time.monotonic() < deadline:
-            job = client.get(f"/jobs/{job_id}").json()
-            if job["state"] in ("succeeded", "failed", "cancelled"):
-                return job
-            time.sleep(0.5)
-        raise AssertionError(f"job {job_id} not finished after {timeout}s: {job}; logs in {self.root}")
+        return wait_job(client, job_id, timeout, logs=self.root)
 
 
 def _children(pid: int) -> list[int]:

@@ -37,7 +37,7 @@ from launch.embedded import api_command, child_env, free_port, start_redis, stop
 from tests.pg import pg_reachable, throwaway_database
 from tests.s3 import bucket_keys, new_bucket
 
-from .conftest import QUIET_THREADS, class_folder_zip
+from .conftest import QUIET_THREADS, class_folder_zip, wait_job
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -174,17 +174,6 @@ def hosts(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> Iterato
         yield h
 
 
-def _wait_job(client: httpx.Client, job_id: str, timeout: float = 300) -> dict:
-    deadline = time.monotonic() + timeout
-    job: dict = {}
-    while time.monotonic() < deadline:
-        job = client.get(f"/jobs/{job_id}").json()
-        if job["state"] in ("succeeded", "failed", "cancelled"):
-            return job
-        time.sleep(0.5)
-    raise AssertionError(f"job {job_id} not finished after {timeout}s: {job}")
-
-
 def _local_files(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.is_file() and "base" not in p.relative_to(folder).parts[:1]]
 
@@ -206,7 +195,7 @@ def test_trained_on_one_host_served_by_the_other_then_deleted_and_purged(hosts: 
     }
     r = c.post("/finetune", json=body)
     assert r.status_code == 202, r.text
-    job = _wait_job(c, r.json()["id"])
+    job = wait_job(c, r.json()["id"], timeout=300, logs=hosts.root)
     assert job["state"] == "succeeded", (job, hosts.log("worker-a")[-3000:])
 
     # Trained on A: only A takes fine-tunes, and only A's log has the job.

@@ -26,10 +26,12 @@ Writes bench/results/capacity.json and bench/results/capacity.md.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -53,6 +55,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 GPU_BYTES = 80 * 10**9  # "80 GB" as sold; 80 GiB cards have 7% more
 CUDA_CONTEXT_BYTES = 1 * 1024**3  # CUDA context and allocator slack, kept out of the budget
 XL_CLASSES = (10, 101, 1000)
+FORWARDS_PER_CALL = 3  # per arm and round in the mixed-batch figure
 
 
 def xl_model(slots: int, table_rows: int) -> DiffFitDiT:
@@ -181,15 +184,26 @@ def bench_mixed(model: DiffFitDiT, latent: int, batch: int, rounds: int) -> dict
     def slots(k: int) -> list[int]:
         return [1 + (i % k) * (resident // k) for i in range(batch)]
 
-    arms = {"one": lambda: model(x, t, y, Route.single(1))}
+    def forwards(route_of) -> Callable[[], None]:
+        # A few forwards per timed call: one 0.3 s forward's time scatters by several
+        # percent on a shared CPU, which is the size of the effect measured.
+        def run() -> None:
+            for _ in range(FORWARDS_PER_CALL):
+                model(x, t, y, route_of())
+
+        return run
+
+    arms = {"one": forwards(lambda: Route.single(1))}
     for k in (1, 8, 64):
-        arms[str(k)] = lambda k=k: model(x, t, y, Route.mixed(slots(k)))
+        arms[str(k)] = forwards(lambda k=k: Route.mixed(slots(k)))
     times = interleaved(arms, rounds)
+    times = {k: [s / FORWARDS_PER_CALL for s in v] for k, v in times.items()}
     ratios = {k: paired_ratio(times["one"], times[k]) for k in ("1", "8", "64")}
     return {
         "batch": batch,
         "resident": resident,
         "rounds": rounds,
+        "forwards_per_call": FORWARDS_PER_CALL,
         "mixed_over_one": {k: r["median"] for k, r in ratios.items()},
         "mixed_over_one_spread": ratios,
         "seconds": {k: spread(v)["median"] for k, v in times.items()},
@@ -326,6 +340,8 @@ def main() -> int:
     log("DiT-XL/2 capacity and cold loads")
     xl = xl_model(slots=8, table_rows=1001 + 11 + 102 + 1001 + 2 * 102)
     capacity = bench_xl_capacity(xl)
+    gc.collect()
+    gc.freeze()  # as worker.runtime.Runtime does once its base is loaded
     cold = bench_cold_load(xl, rounds=30 if args.quick else 300)
     del xl
 
@@ -454,7 +470,7 @@ A slot's class rows are what its adapter holds: a 10-class slot is {sb["10"] / s
 Base bytes are computed here the same way as in `bench/bench_xl.py` (issue 13): parameters of the tied
 model (diffusers stores 749.8M with per-block embedder copies; tied 675M) x 2 bytes.
 
-## Mixed batches at DiT-S shape ({mx["resident"]:,} adapters resident, batch {mx["batch"]}, {mx["rounds"]} rounds)
+## Mixed batches at DiT-S shape ({mx["resident"]:,} adapters resident, batch {mx["batch"]}, {mx["rounds"]} rounds of {mx["forwards_per_call"]} forwards per arm)
 
 | distinct adapters in the batch | throughput / one adapter | spread (min..max) | median forward |
 |---|---|---|---|

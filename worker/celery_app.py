@@ -11,6 +11,7 @@ always find a thread.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 
@@ -62,6 +63,11 @@ def get_runtime():
 
             runtime = Runtime(settings)
             runtime.cancel_watcher = CancelWatcher(redis_source(settings.redis_url)).start()
+            # The base, its modules and the registry live as long as the process: move
+            # them out of the collector's view, so a full collection (hundreds of ms over
+            # a large heap) does not land inside a request's cold adapter load.
+            gc.collect()
+            gc.freeze()
             _runtime = runtime
         return _runtime
 

@@ -48,11 +48,6 @@ def sampling_resolution(requested: int | None, trained_at: int, who: str) -> int
     )
 
 
-@contextlib.contextmanager
-def _no_watch(task_id: str, future: Future):
-    yield
-
-
 class Runtime:
     """Everything one worker process holds: built once, shared by task threads."""
 
@@ -183,8 +178,8 @@ class Runtime:
             tenant=task.tenant,
         )
         future = self.engine.submit(request)
-        watch = self.cancel_watcher.watch if self.cancel_watcher else _no_watch
-        with watch(task.request_id, future):
+        watched = self.cancel_watcher.watch(task.request_id, future) if self.cancel_watcher else None
+        with watched or contextlib.nullcontext():
             images = self._wait_images(task, future)
         return GenerateResult(
             images_png_b64=[base64.b64encode(p).decode() for p in to_pngs(images)],

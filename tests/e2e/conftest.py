@@ -102,16 +102,25 @@ def running_stack(root: Path, **extra_env: str) -> Iterator[Stack]:
             yield st
 
 
+def start_files_and_redis(root: Path):
+    """A file server for data sets on root/files and a throwaway redis-server.
+
+    Returns (file server, its URL, the redis process, its URL); the caller stops both.
+    """
+    files = root / "files"
+    files.mkdir()
+    server, files_url = serve_folder(files)
+    redis_port = free_port()
+    redis = start_redis(redis_port, root / "redis", persistent=False)
+    return server, files_url, redis, f"redis://127.0.0.1:{redis_port}/0"
+
+
 @contextlib.contextmanager
 def _running_stack(root: Path, database_url: str | None, **extra_env: str) -> Iterator[Stack]:
     """Start redis-server, one worker (w1) and the API; stop them all on exit."""
     base = make_tiny_base(root / "base")
-    files = root / "files"
-    files.mkdir()
-    server, files_url = serve_folder(files)
-    redis_port, api_port = free_port(), free_port()
-    redis = start_redis(redis_port, root / "redis", persistent=False)
-    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    server, files_url, redis, redis_url = start_files_and_redis(root)
+    api_port = free_port()
     os.environ.pop("DIFFFIT_DATABASE_URL", None)
     settings = Settings(
         data_dir=root / "data",

@@ -32,12 +32,11 @@ from adapters_store import Registry
 from base_models.tiny import make_tiny_base
 from difffit import contract
 from difffit.settings import Settings
-from launch.demo import serve_folder
-from launch.embedded import api_command, child_env, free_port, start_redis, stop_process, worker_command
+from launch.embedded import api_command, child_env, free_port, stop_process, worker_command
 from tests.pg import pg_reachable, throwaway_database
 from tests.s3 import bucket_keys, new_bucket
 
-from .conftest import QUIET_THREADS, class_folder_zip, wait_job
+from .conftest import QUIET_THREADS, class_folder_zip, start_files_and_redis, wait_job
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -107,12 +106,8 @@ def _database(root: Path) -> Iterator[str]:
 @contextlib.contextmanager
 def two_hosts(root: Path, endpoint: str) -> Iterator[Hosts]:
     bucket = new_bucket(endpoint)
-    files = root / "files"
-    files.mkdir()
-    server, files_url = serve_folder(files)
-    redis_port, api_port = free_port(), free_port()
-    redis = start_redis(redis_port, root / "redis", persistent=False)
-    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    server, files_url, redis, redis_url = start_files_and_redis(root)
+    api_port = free_port()
     with _database(root) as database_url:
         hosts = Hosts(root, endpoint, bucket, database_url, f"http://127.0.0.1:{api_port}", files_url)
         hosts.procs["redis"] = redis
